@@ -1,0 +1,391 @@
+"""Typed, frozen configuration.
+
+A config is a tree of frozen dataclasses (``Config`` -> sections -> keys). YAML files and
+``--set section.key=value`` overrides both go through :func:`from_dict`, which rejects unknown
+keys (naming the valid ones), coerces values to the declared type and checks ranges. The run
+folder stores the *resolved* config (:func:`to_dict`), never the raw file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Tuple, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "DataConfig",
+    "AugmentConfig",
+    "TrainConfig",
+    "InferConfig",
+    "Config",
+    "load_config",
+    "from_dict",
+    "to_dict",
+    "apply_overrides",
+    "check_choice",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it and the allowed values."""
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
+    """Return ``value`` if it is one of ``allowed``, else raise with a did-you-mean hint."""
+    if value in allowed:
+        return value
+    hint = ""
+    if isinstance(value, str):
+        close = difflib.get_close_matches(value, [str(a) for a in allowed], n=1)
+        if close:
+            hint = f" Did you mean {close[0]!r}?"
+    raise ConfigError(f"{name}={value!r} is not valid; choose one of {list(allowed)}.{hint}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}.")
+
+
+def _prob(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name}={value!r} must be a probability in [0, 1].")
+
+
+VARIANTS = ("unet", "residual", "attention", "dense", "nested")
+NORMS = ("none", "batch", "instance", "group")
+ACTS = ("relu", "leakyrelu", "prelu")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Network architecture. ``in_channels``/``out_channels`` of ``None`` are filled from the
+    manifest at training time (channels = modalities; out = 1 for a single binary label, else
+    number of labels including background)."""
+
+    variant: str = "unet"
+    spatial_dims: int = 3
+    in_channels: Optional[int] = None
+    out_channels: Optional[int] = None
+    features: Tuple[int, ...] = (16, 32, 64, 128)
+    norm: str = "instance"
+    act: str = "leakyrelu"
+    dropout: float = 0.0
+    deep_supervision: bool = False
+    groups: int = 8
+
+    def __post_init__(self) -> None:
+        check_choice("model.variant", self.variant, VARIANTS)
+        check_choice("model.spatial_dims", self.spatial_dims, (2, 3))
+        check_choice("model.norm", self.norm, NORMS)
+        check_choice("model.act", self.act, ACTS)
+        for key in ("in_channels", "out_channels"):
+            v = getattr(self, key)
+            if v is not None:
+                _positive(f"model.{key}", v)
+        if len(self.features) < 2:
+            raise ConfigError(f"model.features={list(self.features)} needs at least 2 levels.")
+        for f in self.features:
+            _positive("model.features entry", f)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout!r} must be in [0, 1).")
+        _positive("model.groups", self.groups)
+        if self.norm == "group":
+            bad = [f for f in self.features if f % self.groups]
+            if bad:
+                raise ConfigError(
+                    f"model.norm='group' with model.groups={self.groups} needs every feature count "
+                    f"divisible by {self.groups}; not divisible: {bad}."
+                )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing and patch sampling.
+
+    ``spacing`` is the target voxel spacing in mm in canonical (RAS) axis order; ``None`` takes
+    the training set's median. ``patch_size`` has one entry per network spatial dim.
+    ``normalization``: ``auto`` picks ``ct`` when the manifest modality says CT, else ``zscore``.
+    ``class_ratios``: relative sampling frequency of patch centres per label value (background
+    first); ``None`` means background 1 and every foreground class 1.
+    """
+
+    patch_size: Tuple[int, ...] = (64, 64, 64)
+    spacing: Optional[Tuple[float, float, float]] = None
+    orientation: str = "RAS"
+    normalization: str = "auto"
+    slice_axis: int = 2
+    class_ratios: Optional[Tuple[float, ...]] = None
+    samples_per_volume: int = 4
+    val_fraction: float = 0.2
+    min_cases: int = 2
+    cache: str = "memory"
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.patch_size) not in (2, 3):
+            raise ConfigError(f"data.patch_size={list(self.patch_size)} needs 2 or 3 entries.")
+        for p in self.patch_size:
+            _positive("data.patch_size entry", p)
+        if self.spacing is not None:
+            if len(self.spacing) != 3:
+                raise ConfigError(f"data.spacing={list(self.spacing)} needs 3 entries (mm).")
+            for s in self.spacing:
+                _positive("data.spacing entry", s)
+        if len(self.orientation) != 3 or sorted(self.orientation.upper().replace("L", "R").replace("P", "A").replace("I", "S")) != ["A", "R", "S"]:
+            raise ConfigError(f"data.orientation={self.orientation!r} must be a 3-letter axis code such as 'RAS' or 'LPS'.")
+        check_choice("data.normalization", self.normalization, ("auto", "ct", "zscore", "none"))
+        check_choice("data.slice_axis", self.slice_axis, (0, 1, 2))
+        check_choice("data.cache", self.cache, ("memory", "disk", "none"))
+        if self.class_ratios is not None:
+            for r in self.class_ratios:
+                _positive("data.class_ratios entry", r, allow_zero=True)
+            if sum(self.class_ratios) <= 0:
+                raise ConfigError("data.class_ratios must contain at least one positive value.")
+        _positive("data.samples_per_volume", self.samples_per_volume)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction!r} must be in [0, 1).")
+        _positive("data.min_cases", self.min_cases)
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Augmentation probabilities (each applied independently per sample) and ranges."""
+
+    elastic_prob: float = 0.2
+    elastic_sigma: Tuple[float, float] = (5.0, 8.0)
+    elastic_magnitude: Tuple[float, float] = (50.0, 150.0)
+    rotate_prob: float = 0.3
+    rotate_range_deg: float = 20.0
+    scale_prob: float = 0.3
+    scale_range: float = 0.15
+    flip_prob: float = 0.5
+    intensity_scale_prob: float = 0.3
+    intensity_shift_prob: float = 0.3
+    noise_prob: float = 0.15
+    noise_std: float = 0.1
+    contrast_prob: float = 0.2
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.name.endswith("_prob"):
+                _prob(f"augment.{f.name}", getattr(self, f.name))
+        _positive("augment.rotate_range_deg", self.rotate_range_deg, allow_zero=True)
+        _positive("augment.scale_range", self.scale_range, allow_zero=True)
+        _positive("augment.noise_std", self.noise_std, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation. One epoch is ``steps_per_epoch`` batches of ``batch_size`` patches."""
+
+    epochs: int = 50
+    steps_per_epoch: int = 50
+    batch_size: int = 2
+    lr: float = 3e-3
+    weight_decay: float = 1e-5
+    optimizer: str = "adamw"
+    momentum: float = 0.99
+    poly_power: float = 0.9
+    seed: int = 0
+    val_every: int = 5
+    amp: bool = True
+    class_weights: Optional[Tuple[float, ...]] = None
+    lambda_dice: float = 1.0
+    lambda_ce: float = 1.0
+    grad_clip: float = 12.0
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "steps_per_epoch", "batch_size", "lr", "val_every"):
+            _positive(f"train.{key}", getattr(self, key))
+        _positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        check_choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
+        _positive("train.poly_power", self.poly_power, allow_zero=True)
+        _positive("train.lambda_dice", self.lambda_dice, allow_zero=True)
+        _positive("train.lambda_ce", self.lambda_ce, allow_zero=True)
+        _positive("train.grad_clip", self.grad_clip, allow_zero=True)
+        if self.class_weights is not None:
+            for w in self.class_weights:
+                _positive("train.class_weights entry", w, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Sliding-window inference. ``largest_component``: label values to keep only the largest
+    connected component of (empty = none)."""
+
+    overlap: float = 0.5
+    batch_size: int = 4
+    blend: str = "gaussian"
+    tta: bool = False
+    largest_component: Tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.overlap < 1.0:
+            raise ConfigError(f"infer.overlap={self.overlap!r} must be in [0, 1).")
+        _positive("infer.batch_size", self.batch_size)
+        check_choice("infer.blend", self.blend, ("gaussian", "constant"))
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+    def __post_init__(self) -> None:
+        if len(self.data.patch_size) != self.model.spatial_dims:
+            raise ConfigError(
+                f"data.patch_size={list(self.data.patch_size)} has {len(self.data.patch_size)} entries "
+                f"but model.spatial_dims={self.model.spatial_dims}; give one entry per spatial dim."
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner[0])
+    if origin in (tuple, Tuple):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}={value!r} must be a list.")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{name}={list(value)!r} must have {len(args)} entries.")
+        return tuple(_coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{name}={value!r} must be true or false.")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{name}={value!r} must be an integer.")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}={value!r} must be a number.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}={value!r} must be a string.")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {name}")  # pragma: no cover
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"section {prefix or 'root'!r} must be a mapping, got {type(data).__name__}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        where = f"{prefix}.{key}" if prefix else str(key)
+        raise ConfigError(f"unknown config key {where!r}; valid keys{' in ' + prefix if prefix else ''}: {names}.{hint}")
+    kwargs = {}
+    for k, v in data.items():
+        tp = hints[k]
+        name = f"{prefix}.{k}" if prefix else k
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v, name)
+        else:
+            kwargs[k] = _coerce(name, v, tp)
+    return cls(**kwargs)
+
+
+def from_dict(data: Optional[dict]) -> Config:
+    """Build a :class:`Config` from a nested dict, rejecting unknown keys and bad values."""
+    return _build(Config, data or {}, "")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Nested plain-Python dict (tuples as lists) suitable for YAML/JSON."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``section.key=value`` strings to a nested dict; values are parsed as YAML
+    (``[16,32]``, ``true``, ``1e-3``) and then type-checked by :func:`from_dict`."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (data or {}).items()}
+    sections = [f.name for f in dataclasses.fields(Config)]
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=10.")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"override key {key!r} must be section.key with a section in {sections}.")
+        section, name = parts
+        check_choice("config section", section, sections)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: cannot parse value {raw!r}: {exc}") from None
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            data[section] = {}
+        data[section][name] = value
+    return data
+
+
+def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist.")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must contain a mapping of sections.")
+    data = apply_overrides(data, overrides)
+    try:
+        return from_dict(data)
+    except ConfigError as exc:
+        where = f" (in {path})" if path else ""
+        raise ConfigError(f"{exc}{where}") from None
+
+
+def replace(cfg: Config, **sections: dict) -> Config:
+    """Return ``cfg`` with keys of the named sections replaced, re-validated."""
+    data = to_dict(cfg)
+    for section, values in sections.items():
+        data[section].update(values)
+    return from_dict(data)

@@ -1,0 +1,166 @@
+"""Manifests, preprocessing and its inverse, class-balanced sampling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from volseg.config import load_config
+from volseg.data.io import read_image, write_image
+from volseg.data.manifest import ManifestError, load_manifest, split_cases, validate_cases
+from volseg.data.preprocess import Plan, make_plan, preprocess, restore_labels
+
+
+def _img(arr_zyx, spacing=(1.0, 1.0, 1.0), direction=None, origin=(0.0, 0.0, 0.0)):
+    img = sitk.GetImageFromArray(arr_zyx)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    if direction is not None:
+        img.SetDirection(direction)
+    return img
+
+
+def _write_manifest(root: Path, training, labels=None, modality=None):
+    m = {"name": "t", "modality": modality or {"0": "CT"}, "labels": labels or {"0": "background", "1": "a"}, "training": training}
+    (root / "dataset.json").write_text(json.dumps(m))
+    return root / "dataset.json"
+
+
+def test_manifest_schema_errors_listed_together(tmp_path):
+    (tmp_path / "dataset.json").write_text(json.dumps({"name": "x", "training": []}))
+    with pytest.raises(ManifestError) as e:
+        load_manifest(tmp_path / "dataset.json")
+    assert "'modality'" in str(e.value) and "'labels'" in str(e.value)
+
+
+def test_manifest_validation_reports_every_problem(tmp_path):
+    lab = np.zeros((6, 7, 8), np.uint8)
+    lab[2:4, 2:4, 2:4] = 1
+    bad = lab.copy()
+    bad[0, 0, 0] = 5
+    write_image(_img(np.zeros((6, 7, 8), np.int16)), tmp_path / "a.nii.gz")
+    write_image(_img(lab), tmp_path / "a_lab.nii.gz")
+    write_image(_img(np.zeros((6, 7, 9), np.int16)), tmp_path / "b.nii.gz")  # shape mismatch
+    write_image(_img(lab), tmp_path / "b_lab.nii.gz")
+    write_image(_img(np.zeros((6, 7, 8), np.int16), spacing=(1, 1, 3)), tmp_path / "c.nii.gz")  # spacing mismatch
+    write_image(_img(lab), tmp_path / "c_lab.nii.gz")
+    write_image(_img(np.zeros((6, 7, 8), np.int16)), tmp_path / "d.nii.gz")
+    write_image(_img(bad), tmp_path / "d_lab.nii.gz")  # undeclared value
+    training = [
+        {"image": "a.nii.gz", "label": "a_lab.nii.gz"},
+        {"image": "b.nii.gz", "label": "b_lab.nii.gz"},
+        {"image": "c.nii.gz", "label": "c_lab.nii.gz"},
+        {"image": "d.nii.gz", "label": "d_lab.nii.gz"},
+        {"image": "missing.nii.gz", "label": "a_lab.nii.gz"},
+        {"image": ["a.nii.gz", "a.nii.gz"], "label": "a_lab.nii.gz"},
+    ]
+    # the last entry repeats case name 'a': rename through a copy
+    write_image(_img(np.zeros((6, 7, 8), np.int16)), tmp_path / "e.nii.gz")
+    training[-1]["image"] = ["e.nii.gz", "a.nii.gz"]
+    m = load_manifest(_write_manifest(tmp_path, training))
+    with pytest.raises(ManifestError) as e:
+        validate_cases(m, m.training, min_cases=10)
+    msg = str(e.value)
+    assert "need at least 10" in msg
+    assert "b: b.nii.gz size [8, 7, 6]" in msg or ("b:" in msg and "size" in msg)
+    assert "c:" in msg and "spacing" in msg
+    assert "d:" in msg and "[5]" in msg
+    assert "missing.nii.gz" in msg
+    assert "e: 2 image channel(s)" in msg
+    assert "a:" not in msg.replace("a_lab", "")  # the good case is not reported
+
+
+def test_split_deterministic_and_explicit(tiny_dataset):
+    m = load_manifest(tiny_dataset)
+    a = split_cases(m, 0.25, seed=0)
+    b = split_cases(m, 0.25, seed=0)
+    assert [c.name for c in a[1]] == [c.name for c in b[1]] and len(a[1]) == 1
+    assert not {c.name for c in a[0]} & {c.name for c in a[1]}
+
+
+@pytest.mark.parametrize(
+    "direction, spacing",
+    [
+        ((-1, 0, 0, 0, -1, 0, 0, 0, 1), (0.8, 0.8, 3.0)),  # RAS-stored
+        ((1, 0, 0, 0, 1, 0, 0, 0, 1), (1.0, 1.0, 1.0)),  # LPS
+        (tuple(np.array([[0.94, -0.34, 0], [0.34, 0.94, 0], [0, 0, 1]]).ravel()), (0.7, 0.9, 2.0)),  # oblique
+        ((0, 0, 1, 1, 0, 0, 0, 1, 0), (1.1, 0.6, 0.6)),  # permuted axes
+    ],
+)
+def test_preprocess_then_restore_is_identity_on_geometry(direction, spacing):
+    d = np.array(direction, float).reshape(3, 3)
+    u, _, vt = np.linalg.svd(d)
+    d = (u @ vt).ravel()
+    z, y, x = 21, 26, 23
+    zz, yy, xx = np.mgrid[:z, :y, :x]
+    lab = np.zeros((z, y, x), np.uint8)
+    lab[((zz - 10) ** 2 / 49 + (yy - 12) ** 2 / 64 + (xx - 11) ** 2 / 49) < 1] = 1
+    lab[((zz - 10) ** 2 / 25 + (yy - 12) ** 2 / 25 + (xx - 17) ** 2 / 16) < 1] = 2
+    image = _img((lab * 50).astype(np.float32), spacing, tuple(d), origin=(3.0, -7.0, 11.0))
+    label = _img(lab, spacing, tuple(d), origin=(3.0, -7.0, 11.0))
+    plan = Plan(spacing=(1.5, 1.5, 1.5), orientation="RAS", channels=("MR",), norms=(__import__("volseg.data.preprocess", fromlist=["ChannelNorm"]).ChannelNorm("zscore"),),
+                label_values=(0, 1, 2), label_names=("bg", "a", "b"), spatial_dims=3, patch_size=(16, 16, 16), slice_axis=2)
+    pre = preprocess([image], plan, label)
+    assert pre["image"].dtype == np.float32 and pre["label"].dtype == np.uint8
+    assert abs(float(pre["image"][pre["image"] != pre["image"].min()].mean())) < 1.0  # z-scored
+    onehot = np.eye(3, dtype=np.float16)[pre["label"][0]].transpose(3, 0, 1, 2)
+    back = restore_labels(onehot, plan, image)
+    assert back.shape == lab.shape and back.dtype == np.uint8
+    for k in (1, 2):
+        inter = np.logical_and(back == k, lab == k).sum()
+        dice = 2 * inter / ((back == k).sum() + (lab == k).sum())
+        assert dice > 0.8, (k, dice)
+    # at the scan's own (canonical) spacing there is no interpolation: the round trip is exact
+    from dataclasses import replace
+
+    from volseg.data.preprocess import to_canonical
+
+    exact = replace(plan, spacing=to_canonical(image, "RAS").GetSpacing())
+    pre = preprocess([image], exact, label)
+    onehot = np.eye(3, dtype=np.float16)[pre["label"][0]].transpose(3, 0, 1, 2)
+    assert np.array_equal(restore_labels(onehot, exact, image), lab)
+
+
+def test_ct_plan_statistics(tiny_dataset):
+    m = load_manifest(tiny_dataset)
+    cfg = load_config(None, ["data.patch_size=[24,24,16]"])
+    plan = make_plan(m, m.training, cfg)
+    n = plan.norms[0]
+    assert n.scheme == "ct" and n.lo < n.mean < n.hi and n.std > 0
+    assert -200 < n.mean < 300  # soft-tissue HU, not raw/garbage
+    assert plan.label_values == (0, 1, 2, 3) and plan.out_channels == 4
+    assert all(p % 2 == 0 for p in plan.patch_size)
+    pre = preprocess([read_image(m.training[0].images[0])], plan)
+    assert pre["image"].min() >= (n.lo - n.mean) / n.std - 1e-4 and pre["image"].max() <= (n.hi - n.mean) / n.std + 1e-4
+
+
+def _patch_hits(ratios, n=120):
+    """Fraction of sampled patches containing each class, on a volume with a tiny class 2."""
+    from volseg.data.transforms import cached_transforms, random_transforms
+
+    lab = np.zeros((1, 40, 40, 40), np.uint8)
+    lab[0, 5:35, 5:35, 5:20] = 1
+    lab[0, 30:33, 30:33, 30:33] = 2  # 27 voxels, far from class 1
+    plan = Plan(spacing=(1, 1, 1), orientation="RAS", channels=("MR",), norms=(), label_values=(0, 1, 2), label_names=("bg", "a", "b"),
+                spatial_dims=3, patch_size=(8, 8, 8), slice_axis=2)
+    off = [f"augment.{k}=0" for k in ("elastic_prob", "rotate_prob", "scale_prob", "flip_prob", "intensity_scale_prob", "intensity_shift_prob", "noise_prob", "contrast_prob")]
+    cfg = load_config(None, ["data.patch_size=[8,8,8]", f"data.class_ratios={list(ratios)}"] + off)
+    item = cached_transforms(plan)({"image": np.zeros((1, 40, 40, 40), np.float32), "label": lab})
+    t = random_transforms(plan, cfg, num_samples=n)
+    t.set_random_state(0)
+    patches = t(item)
+    return np.array([[int((np.asarray(p["label"]) == k).any()) for k in range(3)] for p in patches]).mean(0)
+
+
+def test_sampling_follows_class_ratios():
+    only_small = _patch_hits([0, 0, 1])
+    assert only_small[2] == 1.0
+    balanced = _patch_hits([1, 1, 1])
+    assert 0.2 < balanced[2] < 0.5  # about 1/3 of centres on the 27-voxel class
+    none_small = _patch_hits([1, 1, 0])
+    assert none_small[2] < 0.1  # rarely hit by chance (background centres nearby only)
+    assert balanced[2] > 3 * none_small[2]

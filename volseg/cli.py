@@ -1,0 +1,225 @@
+"""``volseg`` command line: a thin shell over the Python API.
+
+Heavy modules (torch, monai, SimpleITK) are imported inside the commands so ``volseg --help``
+answers at once. Library code logs; this module talks to people (progress bars, tables) and turns
+user mistakes into one-line errors with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+log = logging.getLogger("volseg")
+
+
+def _config(args) -> "object":
+    from .config import load_config
+
+    path = args.config
+    return load_config(path, args.set or [])
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
+    p.add_argument("--config", default=default, help="YAML config file (default: %(default)s)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key, repeatable (e.g. --set train.epochs=10)")
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs (default: auto = cuda if available)")
+
+
+# ------------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_model(args) -> int:
+    from .nets import summarize
+
+    cfg = _config(args)
+    print(summarize(cfg.model))
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from .data.synth import make_dataset
+
+    path = make_dataset(
+        args.out_dir, cases=args.cases, modality=args.modality, seed=args.seed,
+        shape=tuple(args.shape), spacing=tuple(args.spacing) if args.spacing else None, test_cases=args.test_cases,
+    )
+    print(f"wrote {args.cases} training + {args.test_cases} test {args.modality.upper()} phantoms: {path}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .training import train
+
+    # --resume replays the run's stored config; only train.epochs may change (to extend it)
+    cfg = _config(args) if (args.config or args.set or not args.resume) else None
+    if args.resume and cfg is not None and (args.config or any(not s.startswith("train.epochs=") for s in args.set or [])):
+        from .config import ConfigError
+
+        raise ConfigError("--resume continues a run with its stored config; only --set train.epochs=N may be given (to extend it).")
+    out = args.output or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    run = train(args.manifest, cfg, out, resume=args.resume, device=args.device, progress=not args.quiet)
+    print(f"run folder: {run}")
+    return 0
+
+
+def cmd_infer(args) -> int:
+    from .inference import collect_inputs, infer_many
+
+    overrides = {}
+    if args.overlap is not None:
+        overrides["overlap"] = args.overlap
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    if args.tta:
+        overrides["tta"] = True
+    jobs = collect_inputs(args.inputs, args.output)
+    failures = infer_many(jobs, args.model, device=args.device, overrides=overrides, probabilities=args.probabilities, progress=not args.quiet)
+    done = len(jobs) - len(failures)
+    print(f"{done}/{len(jobs)} scan(s) segmented")
+    for job, err in failures:
+        print(f"FAILED {job.name}: {err}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate, format_summary_table
+
+    result = evaluate(args.pred, args.truth, labels=args.labels, output=args.output, tolerance_mm=args.tolerance)
+    print(format_summary_table(result))
+    if args.output:
+        print(f"metrics written to {args.output}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .evaluation.report import write_report
+
+    path = write_report(args.run_dir, eval_dir=args.eval_dir, output=args.output)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .inference.export import export
+
+    path = export(args.run_dir, args.format, args.output)
+    print(f"exported {args.format}: {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(args.output, device=args.device, overrides=args.set or [], progress=not args.quiet)
+    print("\nvolseg demo finished in {:.1f} min".format(summary["minutes"]))
+    print(f"  mean foreground Dice on held-out phantoms: {summary['dice']:.3f}")
+    for k in ("data", "run", "predictions", "evaluation", "report"):
+        print(f"  {k:12s} {summary[k]}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="volseg", description="3D volumetric segmentation of CT and MRI.")
+    p.add_argument("--version", action="version", version=f"volseg {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("demo", help="generate phantoms, train, infer, evaluate and report (the README's first command)")
+    s.add_argument("--output", default="demo", help="folder for everything the demo writes (default: %(default)s)")
+    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a key of configs/demo.yaml")
+    _device_arg(s)
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("model", help="print a network summary (levels, receptive field, parameters)")
+    _add_config_args(s)
+    s.set_defaults(func=cmd_model)
+
+    s = sub.add_parser("synth", help="write synthetic CT/MRI phantoms and a Decathlon dataset.json")
+    s.add_argument("out_dir")
+    s.add_argument("--cases", type=int, default=8, help="training cases (default: %(default)s)")
+    s.add_argument("--test-cases", type=int, default=2, help="held-out test cases (default: %(default)s)")
+    s.add_argument("--modality", choices=["ct", "mr"], default="ct")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shape", type=int, nargs=3, default=[64, 64, 48], metavar=("X", "Y", "Z"))
+    s.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"), help="mm; default varies per case")
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("train", help="train on a Decathlon-style manifest (dataset.json)")
+    s.add_argument("manifest")
+    _add_config_args(s)
+    s.add_argument("--output", help="run folder (default: runs/<timestamp>)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --output from last.pt (with --set train.epochs=N to extend it)")
+    _device_arg(s)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("infer", help="segment scans with a trained run; masks come back in each scan's geometry")
+    s.add_argument("inputs", nargs="+", metavar="INPUT", help="scan files, DICOM folders, folders of scans, or a manifest (its test list)")
+    s.add_argument("--model", required=True, metavar="RUN_DIR", help="run folder written by volseg train")
+    s.add_argument("--output", help="output folder, or a file name for a single input (default: <case>_seg.nii.gz next to the input)")
+    _device_arg(s)
+    s.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1)")
+    s.add_argument("--batch-size", type=int, help="windows per forward pass")
+    s.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
+    s.add_argument("--probabilities", action="store_true", help="also write class probabilities (<case>_prob.nii.gz, float16)")
+    s.set_defaults(func=cmd_infer)
+
+    s = sub.add_parser("evaluate", help="Dice, IoU, HD95, ASSD, NSD and volumes of predictions against ground truth")
+    s.add_argument("--pred", required=True, help="prediction file or folder")
+    s.add_argument("--truth", required=True, help="ground-truth file, folder or manifest")
+    s.add_argument("--labels", help="manifest whose 'labels' name the classes")
+    s.add_argument("--output", help="folder for metrics.csv and summary.json")
+    s.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default: %(default)s)")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("report", help="write a self-contained HTML summary of a run")
+    s.add_argument("run_dir")
+    s.add_argument("--eval-dir", help="evaluation folder (default: RUN_DIR/eval)")
+    s.add_argument("--output", help="HTML file (default: RUN_DIR/report.html)")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("export", help="export the network for deployment (TorchScript or ONNX)")
+    s.add_argument("run_dir")
+    s.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
+    s.add_argument("--output", help="output file (default: RUN_DIR/model.<ext>)")
+    s.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else (logging.WARNING if args.quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s", stream=sys.stderr)
+    logging.getLogger("ignite").setLevel(logging.WARNING)
+    from .config import ConfigError
+    from .data.io import ImageReadError
+    from .data.manifest import ManifestError
+
+    try:
+        return args.func(args)
+    except (ConfigError, ManifestError, ImageReadError, FileNotFoundError, FileExistsError) as exc:
+        if args.verbose:
+            raise
+        print(f"volseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Dataset manifests: the Medical Segmentation Decathlon ``dataset.json``, accepted as is.
+
+Keys: ``name``, ``modality`` (channel index -> name, e.g. ``{"0": "CT"}``), ``labels`` (value ->
+name, 0 = background), ``training`` (``[{"image": path | [paths per channel], "label": path}]``),
+optional ``validation`` (same form) and ``test`` (paths, or dicts with ``image`` and optional
+``label``). Relative paths resolve against the manifest's folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .io import case_name, same_geometry
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Case", "Manifest", "ManifestError", "load_manifest", "validate_cases", "split_cases"]
+
+
+class ManifestError(ValueError):
+    """A manifest is malformed or its data is inconsistent; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    images: Tuple[Path, ...]  # one path per channel
+    label: Optional[Path] = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    name: str
+    modalities: Tuple[str, ...]  # channel order
+    labels: Dict[int, str]  # value -> name, includes 0
+    training: Tuple[Case, ...]
+    validation: Tuple[Case, ...] = ()
+    test: Tuple[Case, ...] = ()
+
+    @property
+    def foreground(self) -> List[int]:
+        return sorted(v for v in self.labels if v != 0)
+
+    @property
+    def is_ct(self) -> bool:
+        return any(m.strip().upper() == "CT" for m in self.modalities)
+
+
+def _as_case(entry: object, root: Path, where: str, problems: List[str], need_label: bool) -> Optional[Case]:
+    if isinstance(entry, str):
+        entry = {"image": entry}
+    if not isinstance(entry, dict) or "image" not in entry:
+        problems.append(f"{where}: expected {{'image': ..., 'label': ...}}, got {entry!r}")
+        return None
+    imgs = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
+    if not imgs or not all(isinstance(i, str) for i in imgs):
+        problems.append(f"{where}: 'image' must be a path or a list of paths, got {entry['image']!r}")
+        return None
+    label = entry.get("label")
+    if need_label and not isinstance(label, str):
+        problems.append(f"{where}: missing 'label' path")
+        return None
+    resolve = lambda s: (root / s).resolve() if not Path(s).is_absolute() else Path(s)  # noqa: E731
+    images = tuple(resolve(i) for i in imgs)
+    return Case(case_name(images[0]), images, resolve(label) if isinstance(label, str) else None)
+
+
+def load_manifest(path: Union[str, Path]) -> Manifest:
+    """Parse a dataset.json; every schema problem is reported at once in one ManifestError."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "dataset.json"
+    if not path.is_file():
+        raise ManifestError(f"manifest {str(path)!r} does not exist.")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"manifest {path}: not valid JSON ({exc}).") from None
+    problems: List[str] = []
+    for key in ("modality", "labels", "training"):
+        if key not in raw:
+            problems.append(f"missing key {key!r} (a Decathlon dataset.json has name, modality, labels, training, test)")
+    if problems:
+        raise ManifestError(f"manifest {path}:\n  " + "\n  ".join(problems))
+    try:
+        modality = {int(k): str(v) for k, v in raw["modality"].items()}
+        labels = {int(k): str(v) for k, v in raw["labels"].items()}
+    except (AttributeError, ValueError):
+        raise ManifestError(f"manifest {path}: 'modality' and 'labels' must map integer strings to names.") from None
+    if sorted(modality) != list(range(len(modality))) or not modality:
+        problems.append(f"'modality' keys must be 0..N-1, got {sorted(modality)}")
+    if 0 not in labels:
+        problems.append(f"'labels' must declare 0 (background), got {labels}")
+    if len(labels) < 2:
+        problems.append(f"'labels' must declare at least one foreground class, got {labels}")
+    root = path.parent
+    sections = {}
+    for key, need_label in (("training", True), ("validation", True), ("test", False)):
+        entries = raw.get(key) or []
+        if not isinstance(entries, list):
+            problems.append(f"{key!r} must be a list")
+            entries = []
+        cases = [_as_case(e, root, f"{key}[{i}]", problems, need_label) for i, e in enumerate(entries)]
+        sections[key] = tuple(c for c in cases if c is not None)
+        names = [c.name for c in sections[key]]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            problems.append(f"{key}: duplicate case names {dup}")
+    if problems:
+        raise ManifestError(f"manifest {path}:\n  " + "\n  ".join(problems))
+    return Manifest(
+        path=path,
+        name=str(raw.get("name", path.parent.name)),
+        modalities=tuple(modality[i] for i in range(len(modality))),
+        labels=dict(sorted(labels.items())),
+        training=sections["training"],
+        validation=sections["validation"],
+        test=sections["test"],
+    )
+
+
+def _header(path: Path) -> sitk.ImageFileReader:
+    if path.is_dir():
+        from .io import read_image
+
+        return read_image(path)  # DICOM series: read the series (no header-only path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader
+
+
+def _info_image(h) -> sitk.Image:
+    """A 1-voxel image carrying a header's spacing, origin and direction (sizes are compared
+    separately), so :func:`same_geometry` can compare headers without reading voxels."""
+    img = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    img.SetSpacing(h.GetSpacing()[:3])
+    img.SetOrigin(h.GetOrigin()[:3])
+    d = np.array(h.GetDirection()).reshape(h.GetDimension(), h.GetDimension())[:3, :3]
+    img.SetDirection(d.ravel().tolist())
+    return img
+
+
+def validate_cases(manifest: Manifest, cases: Sequence[Case], min_cases: int = 1, tol: float = 1e-3) -> None:
+    """Check files, channels, geometry and label values of ``cases``; raise one ManifestError
+    that lists every problem (naming the files), or return None."""
+    problems: List[str] = []
+    if len(cases) < min_cases:
+        problems.append(f"{len(cases)} labelled case(s), need at least {min_cases}")
+    n_ch = len(manifest.modalities)
+    allowed = set(manifest.labels)
+    for case in cases:
+        n_before = len(problems)
+        if len(case.images) != n_ch:
+            problems.append(f"{case.name}: {len(case.images)} image channel(s) but the manifest declares {n_ch} ({list(manifest.modalities)})")
+        paths = list(case.images) + ([case.label] if case.label else [])
+        missing = [p for p in paths if not p.exists()]
+        if missing:
+            problems.extend(f"{case.name}: file not found: {p}" for p in missing)
+            continue
+        try:
+            heads = [_header(p) for p in paths]
+        except RuntimeError as exc:
+            problems.append(f"{case.name}: unreadable file ({str(exc).strip().splitlines()[-1]})")
+            continue
+        ref = heads[0]
+        for p, h in zip(paths, heads):
+            dim = h.GetDimension()
+            size = list(h.GetSize())
+            if dim == 4 and size[3] == 1:
+                size = size[:3]
+            elif dim != 3:
+                problems.append(f"{case.name}: {p.name} has {dim} dimensions (size {size}); expected 3D")
+                continue
+            ref_size = list(ref.GetSize())[:3]
+            if size != ref_size:
+                problems.append(f"{case.name}: {p.name} size {size} differs from {paths[0].name} size {ref_size}")
+                continue
+            diff = same_geometry(_info_image(ref), _info_image(h), tol=tol)
+            if diff:
+                problems.append(f"{case.name}: {p.name} geometry differs from {paths[0].name}: {diff}")
+        if case.label is not None and len(problems) == n_before:
+            lab = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label)))
+            if lab.dtype.kind == "f" and not np.all(np.mod(lab, 1) == 0):
+                problems.append(f"{case.name}: label {case.label.name} has non-integer values")
+            else:
+                values = set(np.unique(lab).astype(int).tolist())
+                bad = sorted(values - allowed)
+                if bad:
+                    problems.append(f"{case.name}: label {case.label.name} has values {bad} not declared in 'labels' {sorted(allowed)}")
+    if problems:
+        raise ManifestError(f"manifest {manifest.path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+
+
+def split_cases(manifest: Manifest, val_fraction: float, seed: int = 0) -> Tuple[Tuple[Case, ...], Tuple[Case, ...]]:
+    """(train, validation). An explicit ``validation`` list wins; otherwise a deterministic
+    fraction of ``training`` is held out, chosen by a hash of case names (independent of the
+    manifest's order)."""
+    if manifest.validation:
+        return manifest.training, manifest.validation
+    cases = list(manifest.training)
+    n_val = int(round(len(cases) * val_fraction))
+    if val_fraction > 0 and len(cases) >= 2:
+        n_val = max(1, min(n_val, len(cases) - 1))
+    key = lambda c: hashlib.sha1(f"{seed}:{c.name}".encode()).hexdigest()  # noqa: E731
+    ranked = sorted(cases, key=key)
+    val = {c.name for c in ranked[:n_val]}
+    return tuple(c for c in cases if c.name not in val), tuple(c for c in cases if c.name in val)

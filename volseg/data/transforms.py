@@ -1,0 +1,115 @@
+"""MONAI transform chains for training: class-balanced patch sampling and augmentation.
+
+Input items are preprocessed cases ``{"image": (C,X,Y,Z) float32, "label": (1,X,Y,Z) uint8}``.
+The deterministic head (:func:`cached_transforms`) precomputes per-class voxel indices so that
+``RandCropByLabelClassesd`` does not rescan the volume for every patch; CacheDataset keeps its
+output. :func:`random_transforms` samples patches and augments them. In 2D slice mode a patch is
+a ``(H, W, 1)`` crop along ``plan.slice_axis`` squeezed to ``(C, H, W)`` before the 2D
+augmentations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+from ..config import AugmentConfig, Config
+from .preprocess import Plan
+
+__all__ = ["cached_transforms", "random_transforms", "class_ratios", "crop_size"]
+
+
+def class_ratios(plan: Plan, ratios: Optional[Sequence[float]]) -> list:
+    """Sampling ratio per class index; default: background 1, each foreground class 1."""
+    if ratios is None:
+        return [1.0] * plan.num_classes
+    if len(ratios) != plan.num_classes:
+        from ..config import ConfigError
+
+        raise ConfigError(
+            f"data.class_ratios={list(ratios)} has {len(ratios)} entries; the manifest has {plan.num_classes} classes "
+            f"{list(plan.label_names)} (background first)."
+        )
+    return [float(r) for r in ratios]
+
+
+def crop_size(plan: Plan) -> list:
+    """3D crop size: the patch, or in slice mode the 2D patch with 1 inserted at the slice axis."""
+    size = list(plan.patch_size)
+    if plan.spatial_dims == 2:
+        size.insert(plan.slice_axis, 1)
+    return size
+
+
+def cached_transforms(plan: Plan):
+    from monai.transforms import ClassesToIndicesd, Compose, EnsureTyped, SpatialPadd
+
+    return Compose(
+        [
+            EnsureTyped(keys=["image", "label"], track_meta=False),
+            SpatialPadd(keys=["image", "label"], spatial_size=crop_size(plan), mode="constant"),
+            ClassesToIndicesd(keys="label", num_classes=plan.num_classes, indices_postfix="_cls_indices"),
+        ]
+    )
+
+
+def random_transforms(plan: Plan, cfg: Config, num_samples: int):
+    import monai.transforms as T
+
+    a: AugmentConfig = cfg.augment
+    keys = ["image", "label"]
+    dims = plan.spatial_dims
+    chain = [
+        T.RandCropByLabelClassesd(
+            keys=keys,
+            label_key="label",
+            spatial_size=crop_size(plan),
+            ratios=class_ratios(plan, cfg.data.class_ratios),
+            num_classes=plan.num_classes,
+            num_samples=num_samples,
+            indices_key="label_cls_indices",
+            warn=False,
+        ),
+        T.DeleteItemsd(keys="label_cls_indices"),
+    ]
+    if dims == 2:
+        chain.append(T.SqueezeDimd(keys=keys, dim=plan.slice_axis + 1, update_meta=False))
+    rot = math.radians(a.rotate_range_deg)
+    if a.rotate_prob > 0 or a.scale_prob > 0:
+        # one resampling for rotation and scaling: probability that at least one applies
+        prob = 1 - (1 - a.rotate_prob) * (1 - a.scale_prob)
+        chain.append(
+            T.RandAffined(
+                keys=keys,
+                prob=prob,
+                rotate_range=[rot] * (3 if dims == 3 else 1) if a.rotate_prob > 0 else None,
+                scale_range=[a.scale_range] * dims if a.scale_prob > 0 else None,
+                mode=("bilinear", "nearest"),
+                padding_mode="border",
+            )
+        )
+    if a.elastic_prob > 0:
+        if dims == 3:
+            chain.append(
+                T.Rand3DElasticd(
+                    keys=keys, prob=a.elastic_prob, sigma_range=a.elastic_sigma, magnitude_range=a.elastic_magnitude,
+                    mode=("bilinear", "nearest"), padding_mode="border",
+                )
+            )
+        else:
+            chain.append(
+                T.Rand2DElasticd(
+                    keys=keys, prob=a.elastic_prob, spacing=(a.elastic_sigma[1] * 4,) * 2, magnitude_range=(1.0, 2.0),
+                    mode=("bilinear", "nearest"), padding_mode="border",
+                )
+            )
+    if a.flip_prob > 0:
+        chain.extend(T.RandFlipd(keys=keys, prob=a.flip_prob, spatial_axis=i) for i in range(dims))
+    chain += [
+        T.RandScaleIntensityd(keys="image", factors=0.25, prob=a.intensity_scale_prob),
+        T.RandShiftIntensityd(keys="image", offsets=0.25, prob=a.intensity_shift_prob),
+        T.RandAdjustContrastd(keys="image", prob=a.contrast_prob, gamma=(0.7, 1.5), retain_stats=True),
+        T.RandGaussianNoised(keys="image", prob=a.noise_prob, std=a.noise_std),
+        T.EnsureTyped(keys=keys, track_meta=False),
+    ]
+    return T.Compose(chain)

@@ -1,0 +1,80 @@
+"""Export a trained network for deployment without volseg (TorchScript or ONNX).
+
+The exported graph maps a window ``(B, C, *patch_size)`` of a *preprocessed* volume to class
+probabilities ``(B, K, *patch_size)`` (sigmoid for one output channel, else softmax). A JSON
+file beside it records the preprocessing the graph expects (the run's ``plan.json``: spacing,
+orientation, per-channel normalisation, label values and names) and the window shape, so another
+runtime can replay preprocessing and sliding-window stitching.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional, Union
+
+from ..config import check_choice
+from ..data.io import atomic_path, write_text
+
+log = logging.getLogger(__name__)
+
+__all__ = ["export"]
+
+
+def _wrapped(pred):
+    import torch
+
+    class Probabilities(torch.nn.Module):
+        def __init__(self, net, binary: bool):
+            super().__init__()
+            self.net, self.binary = net, binary
+
+        def forward(self, x):
+            logits = self.net(x)
+            return torch.sigmoid(logits) if self.binary else torch.softmax(logits, 1)
+
+    return Probabilities(pred.model, pred.plan.binary).eval()
+
+
+def export(run_dir: Union[str, Path], fmt: str = "torchscript", output: Optional[Union[str, Path]] = None) -> Path:
+    """Write the network of ``run_dir`` as TorchScript (``.pt``) or ONNX (``.onnx``) plus a
+    ``.json`` preprocessing description; return the model file's path."""
+    import torch
+
+    from .predictor import Predictor
+
+    check_choice("format", fmt, ("torchscript", "onnx"))
+    pred = Predictor.from_run(run_dir, device="cpu")
+    out = Path(output) if output else Path(run_dir) / ("model.ts.pt" if fmt == "torchscript" else "model.onnx")
+    net = _wrapped(pred)
+    example = torch.randn(1, len(pred.plan.channels), *pred.plan.patch_size)
+    tmp = atomic_path(out)
+    try:
+        # traced at the fixed window shape: the shape-dependent padding branches are constants
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            if fmt == "torchscript":
+                torch.jit.save(torch.jit.trace(net, example), str(tmp))
+            else:
+                torch.onnx.export(
+                    net, (example,), str(tmp), input_names=["image"], output_names=["probabilities"],
+                    dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}}, opset_version=17, dynamo=False,
+                )
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta = {
+        "format": fmt,
+        "input": {"name": "image", "shape": ["batch", len(pred.plan.channels), *pred.plan.patch_size], "dtype": "float32",
+                  "axes": "(B, C, X, Y, Z) of the preprocessed volume" if pred.plan.spatial_dims == 3 else "(B, C, H, W) slices"},
+        "output": {"name": "probabilities", "activation": "sigmoid" if pred.plan.binary else "softmax",
+                   "channels": pred.plan.out_channels},
+        "preprocessing": asdict(pred.plan),
+        "model": pred.run_info,
+    }
+    write_text(out.with_name(out.name.split(".")[0] + ".json"), json.dumps(meta, indent=2))
+    log.info("exported %s to %s", fmt, out)
+    return out

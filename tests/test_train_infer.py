@@ -222,9 +222,10 @@ def test_cli_model_summary(capsys):
 
 def test_demo_command_end_to_end(tmp_path, capsys):
     sets = ["model.features=[4,8]", "data.patch_size=[24,24,16]", "train.epochs=1", "train.steps_per_epoch=1", "train.val_every=1"]
-    assert main(["-q", "demo", "--output", str(tmp_path / "demo")] + sum((["--set", s] for s in sets), [])) == 0
+    args = ["-q", "demo", "--output", str(tmp_path / "demo"), "--cases", "4", "--test-cases", "2", "--shape", "32", "32", "24"]
+    assert main(args + sum((["--set", s] for s in sets), [])) == 0
     out = capsys.readouterr().out
     assert "mean foreground Dice" in out
     assert (tmp_path / "demo/run/report.html").is_file()
     assert (tmp_path / "demo/eval/metrics.csv").is_file()
-    assert len(list((tmp_path / "demo/predictions").glob("*_seg.nii.gz"))) == 4
+    assert len(list((tmp_path / "demo/predictions").glob("*_seg.nii.gz"))) == 2

@@ -119,7 +119,8 @@ def cmd_export(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    summary = run_demo(args.output, device=args.device, overrides=args.set or [], progress=not args.quiet)
+    summary = run_demo(args.output, device=args.device, overrides=args.set or [], progress=not args.quiet,
+                       cases=args.cases, test_cases=args.test_cases, shape=tuple(args.shape))
     print("\nvolseg demo finished in {:.1f} min".format(summary["minutes"]))
     print(f"  mean foreground Dice on held-out phantoms: {summary['dice']:.3f}")
     for k in ("data", "run", "predictions", "evaluation", "report"):
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="generate phantoms, train, infer, evaluate and report (the README's first command)")
     s.add_argument("--output", default="demo", help="folder for everything the demo writes (default: %(default)s)")
     s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a key of configs/demo.yaml")
+    s.add_argument("--cases", type=int, default=10, help="training phantoms (default: %(default)s)")
+    s.add_argument("--test-cases", type=int, default=4, help="held-out phantoms (default: %(default)s)")
+    s.add_argument("--shape", type=int, nargs=3, default=[64, 64, 48], metavar=("X", "Y", "Z"), help="approximate phantom grid")
     _device_arg(s)
     s.set_defaults(func=cmd_demo)
 

@@ -33,7 +33,7 @@ def demo_config(overrides: Sequence[str] = ()):
 
 
 def run_demo(output: Union[str, Path] = "demo", device: str = "auto", overrides: Sequence[str] = (), progress: bool = False,
-             cases: int = 10, test_cases: int = 4) -> dict:
+             cases: int = 10, test_cases: int = 4, shape: Sequence[int] = (64, 64, 48)) -> dict:
     """Run the whole pipeline on synthetic CT phantoms; return paths, minutes and test Dice."""
     from .data.synth import make_dataset
     from .evaluation import evaluate
@@ -47,7 +47,7 @@ def run_demo(output: Union[str, Path] = "demo", device: str = "auto", overrides:
     manifest = data / "dataset.json"
     if not manifest.is_file():
         log.info("generating %d + %d synthetic CT phantoms in %s", cases, test_cases, data)
-        make_dataset(data, cases=cases, modality="ct", seed=0, test_cases=test_cases)
+        make_dataset(data, cases=cases, modality="ct", seed=0, test_cases=test_cases, shape=shape)
     cfg = demo_config(overrides)
     run = out / "run"
     train(manifest, cfg, run, resume=(run / "last.pt").is_file(), device=device, progress=progress)

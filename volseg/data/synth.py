@@ -106,8 +106,8 @@ _CT_TABLE: Dict[_T, Tuple[float, float, float]] = {
     _T.BOWEL: (35.0, 8.0, 14.0),
     _T.GAS: (-800.0, 80.0, 60.0),
     _T.LIVER: (60.0, 8.0, 8.0),
-    _T.KIDNEY_CORTEX: (34.0, 6.0, 8.0),
-    _T.KIDNEY_MEDULLA: (22.0, 6.0, 8.0),
+    _T.KIDNEY_CORTEX: (40.0, 6.0, 8.0),  # a bright rim round a dark core: the kidney's look,
+    _T.KIDNEY_MEDULLA: (12.0, 6.0, 8.0),  # not its mean (~30 HU, inside the muscle/bowel range)
     _T.LESION: (0.0, 0.0, 12.0),
     _T.BLOOD: (0.0, 0.0, 6.0),
     _T.BONE_CORTEX: (800.0, 120.0, 80.0),
@@ -445,7 +445,7 @@ def _paint(u: np.ndarray, a: _Anatomy) -> Tuple[np.ndarray, np.ndarray]:
 
     for r2, hilum in zip(kid_r2, a.hila):
         kidney = cavity & (r2 <= 1.0) & (hilum.r2(u) > 1.0)
-        tissue[kidney] = np.where(r2[kidney] <= 0.4, _T.KIDNEY_MEDULLA, _T.KIDNEY_CORTEX)
+        tissue[kidney] = np.where(r2[kidney] <= 0.45, _T.KIDNEY_MEDULLA, _T.KIDNEY_CORTEX)
         label[kidney] = 2
 
     lesion = cavity & (a.lesion.r2(a.lesion_warp.warp(u)) <= 1.0) & (label != 2)

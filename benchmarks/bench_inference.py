@@ -61,17 +61,32 @@ def _peak_rss_mib() -> float:
 
 
 def build_model(features: Sequence[int], in_channels: int, classes: int):
-    """The benchmark network. ``features=()`` is a single 1x1x1 convolution. Batch norm (eval
-    mode: an identity map at initialisation) keeps the network translation-equivariant, so the
-    two pipelines' label maps differ only through preprocessing, stitching and inversion."""
+    """The benchmark network, untrained but with informative outputs.
+
+    ``features=()``: a 1x1x1 convolution that is a nearest-centre classifier on the normalised
+    intensity (class ``k`` wins around ``c_k``; centres spread over 0..0.9). Otherwise volseg's
+    U-Net with batch norm (eval mode: an identity map at initialisation), random weights and
+    zero biases, so the argmax follows local image patterns instead of the largest bias and the
+    network is translation-equivariant: the two pipelines' label maps then differ only through
+    preprocessing, stitching and inversion."""
     import torch
 
     if not features:
-        return torch.nn.Conv3d(in_channels, classes, kernel_size=1)
+        net = torch.nn.Conv3d(in_channels, classes, kernel_size=1)
+        centres = torch.linspace(0.0, 0.9, classes)
+        with torch.no_grad():  # argmax_k (2 c_k x - c_k^2) = argmin_k |x - c_k|
+            net.weight.copy_((40 * centres)[:, None, None, None, None].expand_as(net.weight) / in_channels)
+            net.bias.copy_(-20 * centres**2)
+        return net
     from volseg.config import ModelConfig
     from volseg.nets import build_network
 
-    return build_network(ModelConfig(features=tuple(features), norm="batch"), in_channels, classes)
+    net = build_network(ModelConfig(features=tuple(features), norm="batch"), in_channels, classes)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+    return net
 
 
 # --------------------------------------------------------------------------- workers (subprocess)

@@ -164,3 +164,9 @@ def test_sampling_follows_class_ratios():
     none_small = _patch_hits([1, 1, 0])
     assert none_small[2] < 0.1  # rarely hit by chance (background centres nearby only)
     assert balanced[2] > 3 * none_small[2]
+
+
+def test_shipped_manifest_templates_parse():
+    root = Path(__file__).parent.parent / "data_manifests"
+    names = {load_manifest(p).name for p in root.glob("*.json")}
+    assert {"Spleen", "Hippocampus"} <= names

@@ -34,7 +34,6 @@ def test_run_folder_describes_itself(tiny_run):
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert all(0.0 <= float(r["val_dice_mean"]) <= 1.0 for r in rows)
     assert {"val_dice_liver", "val_dice_kidney", "val_dice_lesion"} <= set(rows[0])
-    import yaml
 
     cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
     assert cfg["model"]["in_channels"] == 1 and cfg["model"]["out_channels"] == 4
@@ -229,3 +228,26 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     assert (tmp_path / "demo/run/report.html").is_file()
     assert (tmp_path / "demo/eval/metrics.csv").is_file()
     assert len(list((tmp_path / "demo/predictions").glob("*_seg.nii.gz"))) == 2
+
+
+def test_predictor_slabs_tta_and_largest_component(tiny_run, monkeypatch):
+    """Slab-wise stitching matches whole-volume stitching; TTA and postprocessing run."""
+    from volseg.data.manifest import load_manifest
+    from volseg.data.preprocess import preprocess_case
+    from volseg.inference import Predictor, predictor
+
+    pred = Predictor.from_run(tiny_run, device="cpu")
+
+    manifest = json.loads((tiny_run / "dataset.json").read_text())["manifest"]
+    pre = preprocess_case(load_manifest(manifest).test[0], pred.plan)
+    whole = pred.probabilities(pre["image"]).astype(np.float32)
+    assert whole.shape[1:] == pre["image"].shape[1:] and np.allclose(whole.sum(0), 1, atol=1e-2)
+    monkeypatch.setattr(predictor, "SLAB_BYTES", 1)  # forces slabs of two windows along z
+    slabs = pred.probabilities(pre["image"]).astype(np.float32)
+    assert np.mean(whole.argmax(0) == slabs.argmax(0)) > 0.97
+    tta = Predictor.from_run(tiny_run, device="cpu", overrides={"tta": True, "largest_component": [1]})
+    assert len(tta._flips()) == 8
+    index = tta.predict_index(pre["image"])
+    from scipy import ndimage
+
+    assert ndimage.label(index == 1, structure=np.ones((3, 3, 3)))[1] <= 1

@@ -93,7 +93,8 @@ def cmd_infer(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluation import evaluate, format_summary_table
 
-    result = evaluate(args.pred, args.truth, labels=args.labels, output=args.output, tolerance_mm=args.tolerance)
+    result = evaluate(args.pred, args.truth, labels=args.labels, output=args.output, tolerance_mm=args.tolerance,
+                      images=args.images, allow_missing=args.allow_missing)
     print(format_summary_table(result))
     if args.output:
         print(f"metrics written to {args.output}")
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", help="manifest whose 'labels' name the classes")
     s.add_argument("--output", help="folder for metrics.csv and summary.json")
     s.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default: %(default)s)")
+    s.add_argument("--images", help="scans (folder or manifest) to record beside each case, for report overlays")
+    s.add_argument("--allow-missing", action="store_true", help="warn instead of failing when a reference case has no prediction")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("report", help="write a self-contained HTML summary of a run")
@@ -212,10 +215,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .config import ConfigError
     from .data.io import ImageReadError
     from .data.manifest import ManifestError
+    from .evaluation import EvaluationError
 
     try:
         return args.func(args)
-    except (ConfigError, ManifestError, ImageReadError, FileNotFoundError, FileExistsError) as exc:
+    except (ConfigError, ManifestError, ImageReadError, EvaluationError, FileNotFoundError, FileExistsError) as exc:
         if args.verbose:
             raise
         print(f"volseg {args.command}: error: {exc}", file=sys.stderr)

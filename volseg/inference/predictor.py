@@ -45,13 +45,20 @@ def resolve_device(device: str = "auto"):
 
 
 def largest_component(index: np.ndarray, classes: Sequence[int]) -> np.ndarray:
-    """Keep only the largest connected component of each class index in ``classes``."""
-    from monai.transforms import KeepLargestConnectedComponent
+    """Keep only the largest connected component (26-connectivity in 3D) of each class index in
+    ``classes``; removed voxels become background. (MONAI's KeepLargestConnectedComponent needs
+    scikit-image on the CPU; scipy, already a dependency, does the labelling.)"""
+    from scipy import ndimage
 
-    if not classes:
-        return index
-    keep = KeepLargestConnectedComponent(applied_labels=list(classes), is_onehot=False)
-    return np.asarray(keep(index[None]))[0].astype(index.dtype)
+    out = index.copy()
+    structure = np.ones((3,) * index.ndim, bool)
+    for k in classes:
+        comp, n = ndimage.label(index == k, structure=structure)
+        if n > 1:
+            sizes = np.bincount(comp.ravel())
+            sizes[0] = 0
+            out[(comp > 0) & (comp != sizes.argmax())] = 0
+    return out
 
 
 class Predictor:

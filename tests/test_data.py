@@ -170,3 +170,32 @@ def test_shipped_manifest_templates_parse():
     root = Path(__file__).parent.parent / "data_manifests"
     names = {load_manifest(p).name for p in root.glob("*.json")}
     assert {"Spleen", "Hippocampus"} <= names
+
+
+def test_kfold_split_partitions_cases(tiny_dataset):
+    m = load_manifest(tiny_dataset)
+    held = [split_cases(m, 0.2, folds=2, fold=k)[1] for k in range(2)]
+    names = [c.name for part in held for c in part]
+    assert sorted(names) == sorted(c.name for c in m.training)  # every case held out exactly once
+    with pytest.raises(Exception, match="fold"):
+        load_config(None, ["data.folds=2", "data.fold=2"])
+
+
+@pytest.mark.parametrize("dims, patch", [(3, [32, 32, 16]), (2, [32, 32])])
+def test_every_augmentation_on_keeps_shapes_and_labels(dims, patch):
+    from volseg.data.transforms import cached_transforms, random_transforms
+
+    plan = Plan(spacing=(1, 1, 1), orientation="RAS", channels=("MR",), norms=(), label_values=(0, 1), label_names=("bg", "a"),
+                spatial_dims=dims, patch_size=tuple(patch), slice_axis=2)
+    probs = [f"augment.{k}=1" for k in ("elastic_prob", "rotate_prob", "scale_prob", "flip_prob", "intensity_scale_prob", "intensity_shift_prob",
+                                         "noise_prob", "contrast_prob", "blur_prob", "bias_field_prob", "lowres_prob")]
+    cfg = load_config(None, [f"model.spatial_dims={dims}", f"data.patch_size={patch}"] + probs)
+    lab = np.zeros((1, 40, 40, 30), np.uint8)
+    lab[0, 10:30, 10:30, 5:25] = 1
+    item = cached_transforms(plan)({"image": np.random.default_rng(0).random((1, 40, 40, 30), dtype=np.float32), "label": lab})
+    out = random_transforms(plan, cfg, 2)(item)
+    assert len(out) == 2
+    for p in out:
+        assert tuple(p["image"].shape) == (1, *patch) and tuple(p["label"].shape) == (1, *patch)
+        assert set(np.unique(np.asarray(p["label"]))) <= {0, 1}  # nearest interpolation of labels
+        assert np.isfinite(np.asarray(p["image"])).all()

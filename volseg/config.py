@@ -113,6 +113,8 @@ class DataConfig:
     ``spacing`` is the target voxel spacing in mm in canonical (RAS) axis order; ``None`` takes
     the training set's median. ``patch_size`` has one entry per network spatial dim.
     ``normalization``: ``auto`` picks ``ct`` when the manifest modality says CT, else ``zscore``.
+    ``folds``/``fold``: k-fold cross-validation (``fold`` of ``folds`` held out); 0 folds holds
+    out ``val_fraction`` instead. A manifest's explicit ``validation`` list wins over both.
     ``class_ratios``: relative sampling frequency of patch centres per label value (background
     first); ``None`` means background 1 and every foreground class 1.
     """
@@ -125,6 +127,8 @@ class DataConfig:
     class_ratios: Optional[Tuple[float, ...]] = None
     samples_per_volume: int = 4
     val_fraction: float = 0.2
+    folds: int = 0
+    fold: int = 0
     min_cases: int = 2
     cache: str = "memory"
     num_workers: int = 0
@@ -152,13 +156,21 @@ class DataConfig:
         _positive("data.samples_per_volume", self.samples_per_volume)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction!r} must be in [0, 1).")
+        if self.folds == 1 or self.folds < 0:
+            raise ConfigError(f"data.folds={self.folds!r} must be 0 (use data.val_fraction) or >= 2.")
+        if self.folds and not 0 <= self.fold < self.folds:
+            raise ConfigError(f"data.fold={self.fold!r} must be in 0..{self.folds - 1} for data.folds={self.folds}.")
         _positive("data.min_cases", self.min_cases)
         _positive("data.num_workers", self.num_workers, allow_zero=True)
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Augmentation probabilities (each applied independently per sample) and ranges."""
+    """Augmentation probabilities (each applied independently per sample) and ranges.
+
+    Besides geometry, the intensity set targets scanner/site shift: scale/shift, gamma contrast,
+    Gaussian noise and blur, a smooth multiplicative bias field (MRI inhomogeneity) and simulated
+    low resolution (thick slices, other spacings)."""
 
     elastic_prob: float = 0.2
     elastic_sigma: Tuple[float, float] = (5.0, 8.0)
@@ -173,6 +185,9 @@ class AugmentConfig:
     noise_prob: float = 0.15
     noise_std: float = 0.1
     contrast_prob: float = 0.2
+    blur_prob: float = 0.1
+    bias_field_prob: float = 0.1
+    lowres_prob: float = 0.1
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -201,17 +201,22 @@ def validate_cases(manifest: Manifest, cases: Sequence[Case], min_cases: int = 1
         raise ManifestError(f"manifest {manifest.path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
 
 
-def split_cases(manifest: Manifest, val_fraction: float, seed: int = 0) -> Tuple[Tuple[Case, ...], Tuple[Case, ...]]:
-    """(train, validation). An explicit ``validation`` list wins; otherwise a deterministic
-    fraction of ``training`` is held out, chosen by a hash of case names (independent of the
-    manifest's order)."""
+def split_cases(manifest: Manifest, val_fraction: float, seed: int = 0, folds: int = 0, fold: int = 0) -> Tuple[Tuple[Case, ...], Tuple[Case, ...]]:
+    """(train, validation). An explicit ``validation`` list wins; with ``folds`` >= 2 fold
+    ``fold`` is held out; otherwise a fraction of ``training``. Cases are ranked by a hash of
+    their names (independent of the manifest's order), so splits are deterministic."""
     if manifest.validation:
         return manifest.training, manifest.validation
     cases = list(manifest.training)
+    key = lambda c: hashlib.sha1(f"{seed}:{c.name}".encode()).hexdigest()  # noqa: E731
+    ranked = sorted(cases, key=key)
+    if folds >= 2:
+        if len(cases) < folds:
+            raise ManifestError(f"manifest {manifest.path}: {len(cases)} training cases cannot make {folds} folds.")
+        val = {c.name for i, c in enumerate(ranked) if i % folds == fold}
+        return tuple(c for c in cases if c.name not in val), tuple(c for c in cases if c.name in val)
     n_val = int(round(len(cases) * val_fraction))
     if val_fraction > 0 and len(cases) >= 2:
         n_val = max(1, min(n_val, len(cases) - 1))
-    key = lambda c: hashlib.sha1(f"{seed}:{c.name}".encode()).hexdigest()  # noqa: E731
-    ranked = sorted(cases, key=key)
     val = {c.name for c in ranked[:n_val]}
     return tuple(c for c in cases if c.name not in val), tuple(c for c in cases if c.name in val)

@@ -110,6 +110,9 @@ def random_transforms(plan: Plan, cfg: Config, num_samples: int):
         T.RandShiftIntensityd(keys="image", offsets=0.25, prob=a.intensity_shift_prob),
         T.RandAdjustContrastd(keys="image", prob=a.contrast_prob, gamma=(0.7, 1.5), retain_stats=True),
         T.RandGaussianNoised(keys="image", prob=a.noise_prob, std=a.noise_std),
+        T.RandGaussianSmoothd(keys="image", prob=a.blur_prob, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+        T.RandBiasFieldd(keys="image", prob=a.bias_field_prob, coeff_range=(0.0, 0.2)),
+        T.RandSimulateLowResolutiond(keys="image", prob=a.lowres_prob, zoom_range=(0.5, 1.0), upsample_mode="trilinear" if dims == 3 else "bilinear"),
         T.EnsureTyped(keys=keys, track_meta=False),
     ]
     return T.Compose(chain)

@@ -112,7 +112,7 @@ def infer_many(
     from ..config import to_dict
     from .predictor import Predictor
 
-    pred = Predictor.from_run(model, device=device, checkpoint=checkpoint, overrides=overrides)
+    pred = Predictor.from_run(model, device=device, checkpoint=checkpoint, overrides=overrides, progress=progress)
     failures: List[Tuple[Job, str]] = []
     bar = None
     if progress:

@@ -114,7 +114,7 @@ class Predictor:
             mode=self.infer.blend,
             sw_device=self.device,
             device=buffer_device,
-            progress=False,
+            progress=self.progress,
         )
         if self.plan.spatial_dims == 2:
             return SliceInferer(spatial_dim=self.plan.slice_axis, **kw)

@@ -152,7 +152,7 @@ def train(
     _attach_log_file(run / "train.log")
 
     man = load_manifest(manifest)
-    train_cases, val_cases = split_cases(man, cfg.data.val_fraction, cfg.train.seed)
+    train_cases, val_cases = split_cases(man, cfg.data.val_fraction, cfg.train.seed, cfg.data.folds, cfg.data.fold)
     validate_cases(man, tuple(train_cases) + tuple(val_cases), min_cases=cfg.data.min_cases)
     log.info("%s: %d training, %d validation cases", man.name, len(train_cases), len(val_cases))
     if resume:

@@ -226,7 +226,7 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "mean foreground Dice" in out
     assert (tmp_path / "demo/run/report.html").is_file()
-    assert (tmp_path / "demo/eval/metrics.csv").is_file()
+    assert (tmp_path / "demo/run/eval/metrics.csv").is_file()
     assert len(list((tmp_path / "demo/predictions").glob("*_seg.nii.gz"))) == 2
 
 

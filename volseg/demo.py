@@ -1,7 +1,7 @@
 """The built-in demo: phantoms -> training -> inference -> evaluation -> HTML report.
 
 Everything goes under one folder (``demo/`` by default): ``data/`` (synthetic CT phantoms and
-their ``dataset.json``), ``run/`` (the run folder), ``predictions/``, ``eval/`` and
+their ``dataset.json``), ``run/`` (the run folder), ``predictions/``, ``run/eval/`` and
 ``run/report.html``. Re-running reuses the data, resumes an unfinished run and redoes the rest.
 """
 
@@ -55,14 +55,15 @@ def run_demo(output: Union[str, Path] = "demo", device: str = "auto", overrides:
     failures = infer_many(collect_inputs([manifest], pred_dir), run, device=device, progress=progress)
     if failures:
         raise RuntimeError(f"demo inference failed for {[j.name for j, _ in failures]}")
-    result = evaluate(pred_dir, manifest, labels=manifest, output=out / "eval", images=manifest)
-    report = write_report(run, eval_dir=out / "eval")
+    eval_dir = run / "eval"  # where `volseg report` and the notebook look by default
+    result = evaluate(pred_dir, manifest, labels=manifest, output=eval_dir, images=manifest)
+    report = write_report(run, eval_dir=eval_dir)
     return {
         "minutes": (time.perf_counter() - t0) / 60,
         "dice": result.summary["mean_foreground_dice"],
         "data": str(data),
         "run": str(run),
         "predictions": str(pred_dir),
-        "evaluation": str(out / "eval"),
+        "evaluation": str(eval_dir),
         "report": str(report),
     }

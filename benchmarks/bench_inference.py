@@ -60,6 +60,45 @@ def _peak_rss_mib() -> float:
     return peak / (1024**2 if sys.platform == "darwin" else 1024)
 
 
+class RssSampler:
+    """Polls this process's RSS every ``interval`` s in a thread: per-stage peaks from the
+    timeline. Sampled, so a short spike (or a call that holds the GIL) can be missed; the
+    whole-run peak comes from ``ru_maxrss``, which misses nothing."""
+
+    def __init__(self, interval: float = 0.02):
+        import threading
+
+        self.interval = interval
+        self.samples: List[tuple] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), _rss_mib()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak(self, t0: float, t1: float) -> float:
+        vals = [r for t, r in self.samples if t0 <= t <= t1]
+        return max(vals) if vals else float("nan")
+
+
+def _stage_peaks(sampler: RssSampler, t0: float, stages: Dict[str, float]) -> Dict[str, float]:
+    out, t = {}, t0
+    for name, dt in stages.items():
+        out[name] = sampler.peak(t, t + dt)
+        t += dt
+    return out
+
+
 def build_model(features: Sequence[int], in_channels: int, classes: int):
     """The benchmark network, untrained but with informative outputs.
 
@@ -142,19 +181,22 @@ def _worker_baseline(job: dict) -> dict:
     rss0 = _rss_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    data = pre({"image": job["image"]})
-    t1 = time.perf_counter()
-    with torch.no_grad():
-        data["pred"] = inferer(data["image"][None].to(device), model)[0]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t2 = time.perf_counter()
-    data = post(data)
-    t3 = time.perf_counter()
+    with RssSampler() as sampler:
+        t0 = time.perf_counter()
+        data = pre({"image": job["image"]})
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            data["pred"] = inferer(data["image"][None].to(device), model)[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t2 = time.perf_counter()
+        data = post(data)
+        t3 = time.perf_counter()
     written = sorted(Path(job["out_dir"]).glob("*_seg.nii.gz"))
+    stages = {"preprocess": t1 - t0, "network": t2 - t1, "restore+write": t3 - t2}
     return {
-        "stages_s": {"preprocess": t1 - t0, "network": t2 - t1, "restore+write": t3 - t2},
+        "stages_s": stages,
+        "stage_peak_rss_mib": _stage_peaks(sampler, t0, stages),
         "time_s": t3 - t0,
         "rss_before_mib": rss0,
         "output": str(written[0]) if written else None,
@@ -190,22 +232,25 @@ def _worker_volseg(job: dict) -> dict:
     rss0 = _rss_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    images = [read_image(job["image"])]
-    out = pred.predict(images, source=job["image"])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t1 = time.perf_counter()
-    write_label_like(out["labels"], job["image"], images[0], out_path)
-    t2 = time.perf_counter()
+    with RssSampler() as sampler:
+        t0 = time.perf_counter()
+        images = [read_image(job["image"])]
+        out = pred.predict(images, source=job["image"])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t1 = time.perf_counter()
+        write_label_like(out["labels"], job["image"], images[0], out_path)
+        t2 = time.perf_counter()
     timing = out["timing"]
+    # read_image is counted in "preprocess", as LoadImaged is on the baseline's side
+    stages = {
+        "preprocess": (t1 - t0) - timing["network_s"] - timing["restore_s"],
+        "network": timing["network_s"],
+        "restore+write": timing["restore_s"] + (t2 - t1),
+    }
     return {
-        # read_image is counted in "preprocess", as LoadImaged is on the baseline's side
-        "stages_s": {
-            "preprocess": (t1 - t0) - timing["network_s"] - timing["restore_s"],
-            "network": timing["network_s"],
-            "restore+write": timing["restore_s"] + (t2 - t1),
-        },
+        "stages_s": stages,
+        "stage_peak_rss_mib": _stage_peaks(sampler, t0, stages),
         "time_s": t2 - t0,
         "rss_before_mib": rss0,
         "output": str(out_path),
@@ -260,7 +305,7 @@ def _preprocessed_shape(shape: Sequence[int], spacing: Sequence[float], target: 
 
 
 def theoretical_bytes(shape, spacing, target, classes, roi) -> Dict[str, float]:
-    """Dominant live buffers (bytes), from the algorithms, not measured.
+    """Lower bound (bytes) of the dominant live buffers, from the algorithms, not measured.
 
     baseline: at Invertd the softmax probabilities (K, preprocessed) float32 and their inverse
     on the original grid (K, original) float32 coexist; the input image (original grid)
@@ -303,6 +348,19 @@ def _spawn(name: str, job: dict, tmp: Path, timeout: Optional[float]) -> dict:
     return res
 
 
+def _median_run(runs: List[dict]) -> dict:
+    """The run with the median wall time (its stage times with it), the largest peak RSS of all
+    runs, and every run's wall time; an error if any run failed."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    ordered = sorted(runs, key=lambda r: r["time_s"])
+    out = dict(ordered[(len(ordered) - 1) // 2])
+    out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    out["all_time_s"] = [round(r["time_s"], 2) for r in runs]
+    return out
+
+
 def agreement(a_path: str, b_path: str) -> float:
     """Fraction of voxels with the same label; both files must share shape and affine."""
     import nibabel as nib
@@ -330,6 +388,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--features", nargs="+", default=["4", "8"], help="U-Net features per level (default 4 8); 'none' = a 1x1x1 conv")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per pipeline, alternating; the median time is reported (default 3)")
     p.add_argument("--only", choices=PIPELINES, help="run one pipeline only")
     p.add_argument("--timeout", type=float, default=None, help="seconds per pipeline before it is stopped")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -338,6 +397,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args._worker:
         _run_worker(*args._worker)
         return 0
+    if args.repeat < 1:
+        p.error(f"--repeat {args.repeat}: must be >= 1.")
     if args.classes < 3:
         p.error(f"--classes {args.classes}: need >= 3 (with 2, volseg's network has one sigmoid output and the recipes are not comparable).")
     features = [] if [f.lower() for f in args.features] == ["none"] else [int(f) for f in args.features]
@@ -358,22 +419,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"at {list(args.target_spacing)} mm, {args.classes} classes, roi {list(args.roi)}, "
               f"network {'conv1x1' if not features else 'unet ' + str(features)}, {args.device} "
               f"(written in {time.perf_counter() - t0:.1f}s)", flush=True)
-        results = {}
-        for name in PIPELINES:
-            if args.only and name != args.only:
-                continue
-            out_dir = tmp / name
-            out_dir.mkdir()
-            job = {
-                "image": str(image), "weights": str(weights), "features": features, "classes": args.classes,
-                "target_spacing": list(args.target_spacing), "roi": list(args.roi), "device": args.device,
-                "out_dir": str(out_dir), "threads": args.threads,
-            }
-            results[name] = _spawn(name, job, tmp, args.timeout)
-            r = results[name]
-            print(f"  {name}: " + (r["error"].splitlines()[0] if "error" in r else f"{r['time_s']:.1f}s, peak RSS {r['peak_rss_mib']:.0f} MiB"), flush=True)
-            if "error" in r:
-                print("    " + "\n    ".join(r["error"].splitlines()[1:]), file=sys.stderr)
+        names = [n for n in PIPELINES if not args.only or n == args.only]
+        runs: Dict[str, List[dict]] = {n: [] for n in names}
+        for rep in range(args.repeat):
+            for name in names:  # alternate, so a burst of load from elsewhere hits both
+                out_dir = tmp / name
+                out_dir.mkdir(exist_ok=True)
+                job = {
+                    "image": str(image), "weights": str(weights), "features": features, "classes": args.classes,
+                    "target_spacing": list(args.target_spacing), "roi": list(args.roi), "device": args.device,
+                    "out_dir": str(out_dir), "threads": args.threads,
+                }
+                r = _spawn(name, job, tmp, args.timeout)
+                runs[name].append(r)
+                print(f"  [{rep + 1}/{args.repeat}] {name}: " + (r["error"].splitlines()[0] if "error" in r else f"{r['time_s']:.1f}s, peak RSS {r['peak_rss_mib']:.0f} MiB"), flush=True)
+                if "error" in r:
+                    print("    " + "\n    ".join(r["error"].splitlines()[1:]), file=sys.stderr)
+        results = {n: _median_run(rs) for n, rs in runs.items()}
         ok = {n: r for n, r in results.items() if "error" not in r}
         agree = None
         if len(ok) == 2:
@@ -390,7 +452,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _table(ok: dict, theory: dict, agree: Optional[float], device: str) -> None:
     rows = [("wall time (s)", "time_s", "{:.1f}"), ("  preprocess (s)", ("stages_s", "preprocess"), "{:.1f}"),
             ("  network+stitch (s)", ("stages_s", "network"), "{:.1f}"), ("  restore+write (s)", ("stages_s", "restore+write"), "{:.1f}"),
-            ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"), ("  RSS before (MiB)", "rss_before_mib", "{:.0f}")]
+            ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"), ("  RSS before (MiB)", "rss_before_mib", "{:.0f}"),
+            ("  peak in preprocess", ("stage_peak_rss_mib", "preprocess"), "{:.0f}"),
+            ("  peak in network", ("stage_peak_rss_mib", "network"), "{:.0f}"),
+            ("  peak in restore+write", ("stage_peak_rss_mib", "restore+write"), "{:.0f}")]
     if device == "cuda":
         rows.append(("CUDA peak alloc (MiB)", "cuda_peak_mib", "{:.0f}"))
 
@@ -398,6 +463,9 @@ def _table(ok: dict, theory: dict, agree: Optional[float], device: str) -> None:
         return r[key[0]][key[1]] if isinstance(key, tuple) else r.get(key)
 
     print()
+    reps = {n: r.get("all_time_s") for n, r in ok.items()}
+    if any(v and len(v) > 1 for v in reps.values()):
+        print("wall times of every run (s): " + "; ".join(f"{n} {v}" for n, v in reps.items()) + " -- the table shows the median run")
     print(f"{'':24}{'baseline':>12}{'volseg':>12}{'baseline/volseg':>18}")
     for label, key, fmt in rows:
         vals = [get(ok[n], key) if n in ok else None for n in PIPELINES]
@@ -405,7 +473,7 @@ def _table(ok: dict, theory: dict, agree: Optional[float], device: str) -> None:
         ratio = _ratio(*vals) if None not in vals else "-"
         print(f"{label:24}{cells[0]:>12}{cells[1]:>12}{ratio:>18}")
     tb, tv = theory["baseline"] / 2**20, theory["volseg"] / 2**20
-    print(f"{'theory, main buffers':24}{tb:>12.0f}{tv:>12.0f}{_ratio(tb, tv):>18}   (MiB, see theoretical_bytes)")
+    print(f"{'lower bound (MiB)':24}{tb:>12.0f}{tv:>12.0f}{_ratio(tb, tv):>18}   (main buffers, see theoretical_bytes)")
     if agree is not None:
         print(f"label agreement (equal voxels): {agree:.4f}")
 

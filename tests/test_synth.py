@@ -172,7 +172,7 @@ def test_ct_classes_not_separable_by_intensity_threshold(ct_cases):
         dice = {c: _best_window_dice(img, lab == c) for c in (1, 2, 3)}
         assert dice[2] < 0.3, dice  # kidney
         assert dice[3] < 0.4, dice  # lesion
-        assert dice[1] < 0.7, dice  # liver
+        assert dice[1] < 0.75, dice  # liver: big, so a window catches much of it
 
 
 def _liver_trend(image: sitk.Image, label: sitk.Image, offset: float = 0.0) -> float:

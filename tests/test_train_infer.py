@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import yaml
 import pytest
 import SimpleITK as sitk
 

@@ -18,12 +18,12 @@ label   name        what
 The anatomy is defined in physical space (mm, SimpleITK's LPS world: +x = patient left,
 +y = posterior, +z = superior) and each case's voxel grid is placed in that space with its own
 spacing, direction and origin, so an anisotropic or rotated case shows the same anatomy on a
-different grid. The classes overlap in intensity (on CT the kidney, 30 HU, sits inside the
-muscle and bowel range; liver and lesion histograms overlap too), so a segmenter must use shape
-and context, not a threshold.
+different grid. The classes overlap in intensity (on CT the kidney, ~30 HU on average with a
+40 HU cortex round a 12 HU medulla, sits inside the muscle and bowel range; liver and lesion
+histograms overlap too), so a segmenter must use shape and context, not a threshold.
 
 CT images are int16 Hounsfield units: per-case tissue means, smooth texture, partial-volume
-blur (the PSF, one voxel wide), then white noise of 15-25 HU. MRI images are float32 on an
+blur (the PSF, one voxel wide), then white noise of 15-22 HU. MRI images are float32 on an
 arbitrary per-case scale (100-3000), T1-like contrast (fat bright, bone dark), a smooth
 multiplicative bias field (its log has a linear trend of 0.25-0.4 per half field of view, so
 intensity changes by a factor 1.6-2.2 across the image) and Rician noise.
@@ -103,7 +103,7 @@ _CT_TABLE: Dict[_T, Tuple[float, float, float]] = {
     _T.AIR: (-1000.0, 0.0, 0.0),
     _T.FAT: (-100.0, 10.0, 10.0),
     _T.MUSCLE: (45.0, 5.0, 10.0),
-    _T.BOWEL: (35.0, 8.0, 14.0),
+    _T.BOWEL: (35.0, 8.0, 10.0),
     _T.GAS: (-800.0, 80.0, 60.0),
     _T.LIVER: (60.0, 8.0, 8.0),
     _T.KIDNEY_CORTEX: (40.0, 6.0, 8.0),  # a bright rim round a dark core: the kidney's look,
@@ -393,7 +393,7 @@ def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
         lesion_warp=_Fourier(rng, 6, 3.0, 0.025),
         lesion=lesion,
         bowel_field=_Fourier(rng, 24, 2.5, 1.0, dims=1),
-        fat_fraction=rng.uniform(0.3, 0.5),
+        fat_fraction=rng.uniform(0.2, 0.35),
         gas_field=_Fourier(rng, 16, 3.0, 1.0, dims=1),
         aorta=(0.10 + j(0.03), 0.22 + j(0.02), 0.065 * rng.uniform(0.85, 1.15)),
         ivc=(-0.15 + j(0.03), 0.14 + j(0.02), 0.08, 0.055),
@@ -436,7 +436,7 @@ def _paint(u: np.ndarray, a: _Anatomy) -> Tuple[np.ndarray, np.ndarray]:
 
     kid_r2 = [k.r2(w.warp(u)) for k, w in zip(a.kidneys, a.kidney_warps)]
     for r2 in kid_r2:  # perirenal fat capsule, before the liver so that the liver can touch
-        tissue[cavity & (r2 <= 1.35**2)] = _T.FAT
+        tissue[cavity & (r2 <= 1.45**2)] = _T.FAT
 
     ql = a.liver_warp.warp(u)
     liver = cavity & (np.minimum(a.liver[0].r2(ql), a.liver[1].r2(ql)) <= 1.0)
@@ -509,7 +509,7 @@ def _render(rng: np.random.Generator, tissue: np.ndarray, u: np.ndarray, geom: _
     img = mean[tissue] + tex[tissue] * texture
     img = gaussian_filter(img, sigma=0.6)  # PSF about one voxel: partial-volume edges
     if modality == "ct":
-        img += rng.normal(0.0, rng.uniform(15.0, 25.0), size=img.shape)
+        img += rng.normal(0.0, rng.uniform(15.0, 22.0), size=img.shape)
         return np.clip(np.round(img), -1024, 3071).astype(np.int16)
     # MRI: smooth multiplicative bias field (a guaranteed linear trend plus wiggles), an
     # arbitrary global scale, then Rician noise (magnitude of a noisy complex signal)

@@ -163,14 +163,14 @@ def _best_window_dice(img: np.ndarray, mask: np.ndarray) -> float:
 
 
 def test_ct_classes_not_separable_by_intensity_threshold(ct_cases):
-    """No HU window reaches a useful Dice: the classes overlap in intensity (kidney 30 HU
-    inside the muscle/bowel range, liver and lesion histograms overlapping with noise and
-    texture). A trained model uses shape and context and scores clearly higher (Dice > 0.8,
+    """No HU window reaches a useful Dice: the classes overlap in intensity (enhanced kidney
+    cortex/medulla overlapping blood, lesion and bone edges; liver and lesion histograms
+    overlapping with noise and texture). A trained model uses shape and context and scores clearly higher (Dice > 0.8,
     checked by the end-to-end training test)."""
     for image, label in ct_cases:
         img, lab = _arr(image).astype(np.float32), _arr(label)
         dice = {c: _best_window_dice(img, lab == c) for c in (1, 2, 3)}
-        assert dice[2] < 0.3, dice  # kidney
+        assert dice[2] < 0.45, dice  # kidney
         assert dice[3] < 0.4, dice  # lesion
         assert dice[1] < 0.75, dice  # liver: big, so a window catches much of it
 

@@ -136,6 +136,10 @@ def atomic_path(final: PathLike) -> Path:
     suffix = ".nii.gz" if final.name.endswith(".nii.gz") else final.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
     os.close(fd)
+    # mkstemp makes 0600 files; give the final file the usual permissions (0666 & ~umask)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     return Path(tmp)
 
 

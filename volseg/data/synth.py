@@ -106,8 +106,10 @@ _CT_TABLE: Dict[_T, Tuple[float, float, float]] = {
     _T.BOWEL: (35.0, 8.0, 10.0),
     _T.GAS: (-800.0, 80.0, 60.0),
     _T.LIVER: (60.0, 8.0, 8.0),
-    _T.KIDNEY_CORTEX: (40.0, 6.0, 8.0),  # a bright rim round a dark core: the kidney's look,
-    _T.KIDNEY_MEDULLA: (12.0, 6.0, 8.0),  # not its mean (~30 HU, inside the muscle/bowel range)
+    # contrast-enhanced kidney: a bright cortex round a darker medulla, whose HU overlap blood,
+    # lesion and bone edges, so its look (rim + core, shape, place), not a window, finds it
+    _T.KIDNEY_CORTEX: (120.0, 10.0, 8.0),
+    _T.KIDNEY_MEDULLA: (65.0, 8.0, 8.0),
     _T.LESION: (0.0, 0.0, 12.0),
     _T.BLOOD: (0.0, 0.0, 6.0),
     _T.BONE_CORTEX: (800.0, 120.0, 80.0),
@@ -638,8 +640,7 @@ def make_dataset(
         )
         rel = {"image": f"./images{split}/{name}.nii.gz", "label": f"./labels{split}/{name}.nii.gz"}
         for img, key in ((image, "image"), (label, "label")):
-            # the atomic writer's temporary file is private (0600); demo data is for everyone
-            os.chmod(write_image(img, out / rel[key]), 0o644)
+            write_image(img, out / rel[key])
         entries[split].append(rel)
         log.debug("wrote %s: size %s, spacing %s", name, image.GetSize(), image.GetSpacing())
     manifest = {
@@ -666,7 +667,6 @@ def make_dataset(
         },
     }
     path = write_text(out / "dataset.json", json.dumps(manifest, indent=2) + "\n")
-    os.chmod(path, 0o644)
     log.info(
         "wrote %d training and %d test synthetic %s cases to %s in %.1f s",
         cases, test_cases, MODALITIES[modality], out, time.perf_counter() - t0,

@@ -331,12 +331,10 @@ def _spawn(name: str, job: dict, tmp: Path, timeout: Optional[float]) -> dict:
     job_path = tmp / f"{name}.json"
     job_path.write_text(json.dumps(job))
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, __file__, "--_worker", name, str(job_path)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--_worker", name, str(job_path)], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"stopped after --timeout {timeout:g} s"}
     wall = time.perf_counter() - t0
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

@@ -249,7 +249,10 @@ def _run_worker(name: str, job_path: str) -> None:
 def _spawn(name: str, job: dict, tmp: Path, timeout: Optional[float]) -> dict:
     job_path = tmp / f"{name}.json"
     job_path.write_text(json.dumps(job))
-    proc = subprocess.run([sys.executable, __file__, "--_worker", name, str(job_path)], capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--_worker", name, str(job_path)], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"stopped after --timeout {timeout:g} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])

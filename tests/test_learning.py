@@ -32,6 +32,7 @@ def test_short_training_beats_threshold_on_unseen_phantoms(tmp_path):
     run = tmp_path / "run"
     assert main(["-q", "train", str(manifest), "--output", str(run), "--device", "cpu"] + sum((["--set", s] for s in SHORT), [])) == 0
     assert main(["-q", "infer", str(manifest), "--model", str(run), "--output", str(tmp_path / "pred")]) == 0
+    scores = []
     for case in load_manifest(manifest).test:
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label)))
         image = sitk.GetArrayFromImage(sitk.ReadImage(str(case.images[0]))).astype(np.float32)
@@ -40,5 +41,7 @@ def test_short_training_beats_threshold_on_unseen_phantoms(tmp_path):
             dice = 2 * np.sum((pred == label) & (truth == label)) / (np.sum(pred == label) + np.sum(truth == label))
             threshold = _best_window_dice(image, truth == label)
             print(f"{case.name} label {label}: dice {dice:.3f}, best HU window {threshold:.3f}")
-            assert dice > 0.8, (case.name, label, dice)
-            assert dice > threshold + 0.2, (case.name, label, dice, threshold)
+            assert dice > 0.75, (case.name, label, dice)  # measured 0.80-0.94
+            assert dice > threshold + 0.25, (case.name, label, dice, threshold)  # windows reach 0.19-0.48
+            scores.append(dice)
+    assert np.mean(scores) > 0.8

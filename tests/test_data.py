@@ -199,3 +199,16 @@ def test_every_augmentation_on_keeps_shapes_and_labels(dims, patch):
         assert tuple(p["image"].shape) == (1, *patch) and tuple(p["label"].shape) == (1, *patch)
         assert set(np.unique(np.asarray(p["label"]))) <= {0, 1}  # nearest interpolation of labels
         assert np.isfinite(np.asarray(p["image"])).all()
+
+
+def test_restore_keeps_the_outermost_layers():
+    """When the resampled grid rounds down, the scan's last layers must not come back empty."""
+    from volseg.data.preprocess import ChannelNorm
+
+    lab = np.ones((20, 40, 87), np.uint8)  # [z, y, x]: every voxel foreground
+    image = _img(lab.astype(np.float32), spacing=(0.8, 0.8, 2.5))
+    plan = Plan(spacing=(1.5, 1.5, 2.0), orientation="RAS", channels=("MR",), norms=(ChannelNorm("zscore"),), label_values=(0, 1),
+                label_names=("bg", "a"), spatial_dims=3, patch_size=(16, 16, 16), slice_axis=2)
+    pre = preprocess([image], plan, _img(lab, spacing=(0.8, 0.8, 2.5)))
+    probs = pre["label"].astype(np.float16)  # binary plan: one sigmoid channel
+    assert (restore_labels(probs, plan, image) == 1).all()

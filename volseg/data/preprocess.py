@@ -253,7 +253,9 @@ def _restored_channels(probs: np.ndarray, plan: Plan, reference: sitk.Image):
         img.SetSpacing(tuple(float(s) for s in plan.spacing))
         img.SetOrigin(tuple(pre_origin))
         img.SetDirection(canon.GetDirection())
-        out = sitk.Resample(img, canon, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        # extrapolate at the border: the resampled grid can end up to half a voxel short of the
+        # original extent, whose outermost layer would otherwise come back as background
+        out = sitk.Resample(img, canon, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, useNearestNeighborExtrapolator=True)
         yield sitk.GetArrayFromImage(out)
 
 

@@ -158,10 +158,11 @@ class Predictor:
         k = self.plan.out_channels
         X, Y, Z = x.shape[1:]
         out = np.empty((k, X, Y, Z), np.float16)
-        # slab depth along Z so that a float32 K-channel buffer stays under SLAB_BYTES
+        # slab depth along Z so that a float32 K-channel buffer, margins included, stays under
+        # SLAB_BYTES (at least one window deep)
         roi_z = self.plan.patch_size[-1] if self.plan.spatial_dims == 3 else 1
         margin = roi_z // 2 if self.plan.spatial_dims == 3 else 0
-        depth = max(roi_z * 2, int(SLAB_BYTES // max(1, k * X * Y * 4)))
+        depth = max(roi_z, int(SLAB_BYTES // max(1, k * X * Y * 4)) - 2 * margin)
         if self.plan.spatial_dims == 2 and self.plan.slice_axis != 2:
             depth = Z  # 2D windows span Z: no slabs
         buffer_device = self._buffer_device(k * X * Y * min(Z, depth + 2 * margin) * 4)
@@ -178,9 +179,15 @@ class Predictor:
                     inp = torch.flip(slab, axes) if axes else slab
                     p = inferer(inp, self._net)
                     p = torch.flip(p, axes) if axes else p
-                    acc = p if acc is None else acc + p
-                acc = acc / len(flips)
+                    if acc is None:
+                        acc = p
+                    else:
+                        acc += p
+                    del p, inp
+                if len(flips) > 1:
+                    acc /= len(flips)
                 out[..., z0:z1] = acc[0, ..., z0 - a : z1 - a].to("cpu", torch.float16).numpy()
+                del acc, slab  # free this slab's buffers before the next one is allocated
         return out
 
     def predict_index(self, image) -> np.ndarray:

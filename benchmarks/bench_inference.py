@@ -46,7 +46,7 @@ PIPELINES = ("baseline", "volseg")
 def _rss_mib() -> float:
     """Current resident set size (MiB), from /proc (Linux)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     except OSError:
@@ -258,7 +258,7 @@ def _worker_volseg(job: dict) -> dict:
 
 
 def _run_worker(name: str, job_path: str) -> None:
-    job = json.loads(Path(job_path).read_text())
+    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
     import torch
 
     if job.get("threads"):
@@ -329,7 +329,7 @@ def theoretical_bytes(shape, spacing, target, classes, roi) -> Dict[str, float]:
 
 def _spawn(name: str, job: dict, tmp: Path, timeout: Optional[float]) -> dict:
     job_path = tmp / f"{name}.json"
-    job_path.write_text(json.dumps(job))
+    job_path.write_text(json.dumps(job), encoding="utf-8")
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, __file__, "--_worker", name, str(job_path)], capture_output=True, text=True, timeout=timeout)
@@ -443,7 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _table(ok, theory, agree, args.device)
     if args.json:
         args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "_worker" and k != "json"},
-                                         "results": results, "theory_bytes": theory, "agreement": agree}, indent=2, default=str))
+                                         "results": results, "theory_bytes": theory, "agreement": agree}, indent=2, default=str), encoding="utf-8")
     return 0 if len(ok) == len(results) else 1
 
 

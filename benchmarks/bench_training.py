@@ -127,8 +127,8 @@ def _volseg_data_step_s(run: Path, job: dict) -> float:
     from volseg.data.preprocess import Plan, preprocess_case
     from volseg.data.transforms import cached_transforms, random_transforms
 
-    cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
-    plan = Plan.from_json((run / "plan.json").read_text())
+    cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")))
+    plan = Plan.from_json((run / "plan.json").read_text(encoding="utf-8"))
     cases = load_manifest(job["manifest"]).training
     cache = [cached_transforms(plan)(preprocess_case(c, plan)) for c in cases]
     rand = random_transforms(plan, cfg, job["patches"])
@@ -225,7 +225,7 @@ def _worker_baseline(job: dict) -> dict:
 
 
 def _run_worker(name: str, job_path: str) -> None:
-    job = json.loads(Path(job_path).read_text())
+    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
     import torch
 
     if job.get("threads"):
@@ -248,7 +248,7 @@ def _run_worker(name: str, job_path: str) -> None:
 
 def _spawn(name: str, job: dict, tmp: Path, timeout: Optional[float]) -> dict:
     job_path = tmp / f"{name}.json"
-    job_path.write_text(json.dumps(job))
+    job_path.write_text(json.dumps(job), encoding="utf-8")
     try:
         proc = subprocess.run([sys.executable, __file__, "--_worker", name, str(job_path)], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -341,7 +341,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{label:22}{cells[0]:>12}{cells[1]:>12}{ratio:>18}")
     print("(s/step ratio > 1: volseg takes less time per step; patches/s ratio < 1: volseg is faster)")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k not in ("_worker", "json")}, "results": results}, indent=2, default=str))
+        args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k not in ("_worker", "json")}, "results": results}, indent=2, default=str), encoding="utf-8")
     return 0 if len(ok) == len(results) else 1
 
 

@@ -37,7 +37,7 @@ def test_bad_values_rejected(override, fragment):
 
 def test_overrides_are_typed(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump({"model": {"features": [8, 16, 32]}, "train": {"epochs": 3}}))
+    p.write_text(yaml.safe_dump({"model": {"features": [8, 16, 32]}, "train": {"epochs": 3}}), encoding="utf-8")
     cfg = load_config(p, ["train.lr=1e-3", "model.deep_supervision=true", "data.spacing=[1,1,2.5]", "train.epochs=7"])
     assert cfg.train.lr == pytest.approx(1e-3) and isinstance(cfg.train.lr, float)
     assert cfg.model.deep_supervision is True

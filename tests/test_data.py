@@ -26,12 +26,12 @@ def _img(arr_zyx, spacing=(1.0, 1.0, 1.0), direction=None, origin=(0.0, 0.0, 0.0
 
 def _write_manifest(root: Path, training, labels=None, modality=None):
     m = {"name": "t", "modality": modality or {"0": "CT"}, "labels": labels or {"0": "background", "1": "a"}, "training": training}
-    (root / "dataset.json").write_text(json.dumps(m))
+    (root / "dataset.json").write_text(json.dumps(m), encoding="utf-8")
     return root / "dataset.json"
 
 
 def test_manifest_schema_errors_listed_together(tmp_path):
-    (tmp_path / "dataset.json").write_text(json.dumps({"name": "x", "training": []}))
+    (tmp_path / "dataset.json").write_text(json.dumps({"name": "x", "training": []}), encoding="utf-8")
     with pytest.raises(ManifestError) as e:
         load_manifest(tmp_path / "dataset.json")
     assert "'modality'" in str(e.value) and "'labels'" in str(e.value)

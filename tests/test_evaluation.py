@@ -126,7 +126,7 @@ def test_evaluate_folders_end_to_end(tmp_path, caplog):
     assert [(r["case"], r["class"]) for r in res.rows] == [("case_a", "plate"), ("case_a", "blob"), ("case_b", "plate"), ("case_b", "blob")]
     assert res.rows[0]["hd95"] == pytest.approx(3.0)  # sitk spacing (x, y, z) reversed for [z, y, x]
     assert res.rows[0]["image_path"] == "img_a.nii.gz" and res.rows[2]["image_path"] == ""
-    summary = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"), parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
     assert summary["classes"]["blob"]["hd95"] == {"mean": 0.0, "sd": 0.0, "n": 1, "n_nan": 1}  # case_a: both empty
     assert summary["classes"]["plate"]["dice"]["mean"] == pytest.approx(0.5)
     assert summary["mean_foreground_dice"] == pytest.approx((0.5 + 0.5) / 2)
@@ -157,13 +157,13 @@ def test_unmatched_cases_and_manifest(tmp_path, caplog):
         "training": [{"image": "img/case_b.nii.gz", "label": "truth/case_b.nii.gz"}],
         "test": [{"image": "img/case_a.nii.gz", "label": "truth/case_a.nii.gz"}],
     }  # fmt: skip
-    (tmp_path / "dataset.json").write_text(json.dumps(manifest))
+    (tmp_path / "dataset.json").write_text(json.dumps(manifest), encoding="utf-8")
     res = evaluate(tmp_path / "pred", tmp_path / "dataset.json")
     assert [(r["case"], r["class"], r["dice"]) for r in res.rows] == [("case_a", "plate", 1.0)]
     assert res.rows[0]["image_path"] == str(tmp_path / "img" / "case_a.nii.gz")
     # training fallback (no labelled test cases): only the predicted cases; images from a manifest
     manifest["test"] = ["img/case_c.nii.gz"]
     manifest["training"].append({"image": "img/case_a.nii.gz", "label": "truth/case_a.nii.gz"})
-    (tmp_path / "train.json").write_text(json.dumps(manifest))
+    (tmp_path / "train.json").write_text(json.dumps(manifest), encoding="utf-8")
     res = evaluate(tmp_path / "pred", tmp_path / "train.json", labels=tmp_path / "train.json", images=tmp_path / "dataset.json")
     assert [(r["case"], r["image_path"]) for r in res.rows] == [("case_a", str(tmp_path / "img" / "case_a.nii.gz"))]

@@ -41,7 +41,7 @@ def test_notebook_runs_on_a_fake_run(tmp_path, monkeypatch):
         _write(rng.normal(size=truth.shape).astype(np.float32), run / "images" / f"case_{i}.nii.gz")
         _write(truth, run / "truth" / f"case_{i}.nii.gz")
         _write(pred, run / "preds" / f"case_{i}_seg.nii.gz")
-    (run / "metrics.csv").write_text("epoch,train_loss,val_dice_mean,val_dice_organ,lr\n1,0.8,,,0.01\n2,0.6,0.7,0.7,0.008\n")
+    (run / "metrics.csv").write_text("epoch,train_loss,val_dice_mean,val_dice_organ,lr\n1,0.8,,,0.01\n2,0.6,0.7,0.7,0.008\n", encoding="utf-8")
     evaluate(run / "preds", run / "truth", labels={0: "bg", 1: "organ", 2: "lesion"}, output=run / "eval", images=run / "images")
     # the kernel inherits this process's environment
     monkeypatch.setenv("VOLSEG_RUN_DIR", str(run))

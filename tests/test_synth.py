@@ -32,7 +32,7 @@ def ct_dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ct_cases(ct_dataset):
-    raw = json.loads(ct_dataset.read_text())
+    raw = json.loads(ct_dataset.read_text(encoding="utf-8"))
     root = ct_dataset.parent
     entries = raw["training"] + raw["test"]
     return [(sitk.ReadImage(str(root / e["image"])), sitk.ReadImage(str(root / e["label"]))) for e in entries]
@@ -40,7 +40,7 @@ def ct_cases(ct_dataset):
 
 def test_dataset_json_schema_and_files(ct_dataset):
     assert ct_dataset.name == "dataset.json"
-    raw = json.loads(ct_dataset.read_text())
+    raw = json.loads(ct_dataset.read_text(encoding="utf-8"))
     for key in ("name", "description", "modality", "labels", "numTraining", "numTest", "training", "test"):
         assert key in raw, key
     assert raw["modality"] == {"0": "CT"}
@@ -117,7 +117,7 @@ def test_make_case_is_deterministic(modality):
 
 def test_dataset_is_reproducible_from_seed(tmp_path, ct_cases):
     again = make_dataset(tmp_path / "again", cases=1, seed=0, shape=SHAPE, test_cases=0)
-    entry = json.loads(again.read_text())["training"][0]
+    entry = json.loads(again.read_text(encoding="utf-8"))["training"][0]
     image = sitk.ReadImage(str(again.parent / entry["image"]))
     ref_img, ref_lab = ct_cases[0]
     assert _geometry(image) == _geometry(ref_img)
@@ -126,7 +126,7 @@ def test_dataset_is_reproducible_from_seed(tmp_path, ct_cases):
     img, lab = make_case((0, 0), "ct", SHAPE, orientation=ORIENTATIONS[0], anisotropic=False)
     assert np.array_equal(_arr(img), _arr(ref_img)) and np.array_equal(_arr(lab), _arr(ref_lab))
     other = make_dataset(tmp_path / "other", cases=1, seed=1, shape=SHAPE, test_cases=0)
-    other_img = sitk.ReadImage(str(other.parent / json.loads(other.read_text())["training"][0]["image"]))
+    other_img = sitk.ReadImage(str(other.parent / json.loads(other.read_text(encoding="utf-8"))["training"][0]["image"]))
     assert _geometry(other_img) != _geometry(ref_img)
 
 

@@ -24,7 +24,7 @@ from .conftest import TINY
 
 
 def _rows(run: Path):
-    lines = (run / "metrics.csv").read_text().strip().splitlines()
+    lines = (run / "metrics.csv").read_text(encoding="utf-8").strip().splitlines()
     return [dict(zip(lines[0].split(","), ln.split(","))) for ln in lines[1:]]
 
 
@@ -36,11 +36,11 @@ def test_run_folder_describes_itself(tiny_run):
     assert all(0.0 <= float(r["val_dice_mean"]) <= 1.0 for r in rows)
     assert {"val_dice_liver", "val_dice_kidney", "val_dice_lesion"} <= set(rows[0])
 
-    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text(encoding="utf-8"))
     assert cfg["model"]["in_channels"] == 1 and cfg["model"]["out_channels"] == 4
-    plan = json.loads((tiny_run / "plan.json").read_text())
+    plan = json.loads((tiny_run / "plan.json").read_text(encoding="utf-8"))
     assert plan["label_values"] == [0, 1, 2, 3] and plan["norms"][0]["scheme"] == "ct"
-    assert set(json.loads((tiny_run / "versions.json").read_text())) >= {"volseg", "torch", "monai"}
+    assert set(json.loads((tiny_run / "versions.json").read_text(encoding="utf-8"))) >= {"volseg", "torch", "monai"}
     assert list((tiny_run / "tb").iterdir())
 
 
@@ -128,7 +128,7 @@ def test_infer_returns_each_scan_in_its_own_geometry(tiny_run, scans, tmp_path):
         assert np.allclose(seg.GetDirection(), ref.GetDirection(), atol=1e-5), name
         assert seg.GetPixelID() == sitk.sitkUInt8
         assert set(np.unique(sitk.GetArrayViewFromImage(seg))) <= {0, 1, 2, 3}
-        side = json.loads((out / f"{name}_seg.json").read_text())
+        side = json.loads((out / f"{name}_seg.json").read_text(encoding="utf-8"))
         assert side["model"]["checkpoint"] in ("best.pt", "last.pt") and "versions" in side and side["timing_s"]["total_s"] > 0
         if path.name.endswith(".nii.gz"):  # nibabel: same affine, shape and header codes
             a, b = nib.load(str(path)), nib.load(str(seg_path))
@@ -188,7 +188,7 @@ def test_export_matches_pytorch(tiny_run, tmp_path, fmt):
         pytest.importorskip("onnx")
     out = tmp_path / ("m.pt" if fmt == "torchscript" else "m.onnx")
     assert main(["-q", "export", str(tiny_run), "--format", fmt, "--output", str(out)]) == 0
-    meta = json.loads(out.with_name("m.json").read_text())
+    meta = json.loads(out.with_name("m.json").read_text(encoding="utf-8"))
     assert meta["preprocessing"]["spacing"] and meta["output"]["activation"] == "softmax"
     pred = Predictor.from_run(tiny_run, device="cpu")
     x = torch.randn(2, 1, *pred.plan.patch_size)
@@ -239,7 +239,7 @@ def test_predictor_slabs_tta_and_largest_component(tiny_run, monkeypatch):
 
     pred = Predictor.from_run(tiny_run, device="cpu")
 
-    manifest = json.loads((tiny_run / "dataset.json").read_text())["manifest"]
+    manifest = json.loads((tiny_run / "dataset.json").read_text(encoding="utf-8"))["manifest"]
     pre = preprocess_case(load_manifest(manifest).test[0], pred.plan)
     whole = pred.probabilities(pre["image"]).astype(np.float32)
     assert whole.shape[1:] == pre["image"].shape[1:] and np.allclose(whole.sum(0), 1, atol=1e-2)

@@ -69,10 +69,10 @@ def _write(arr, path):
 
 def test_training_curves_tolerate_gaps(tmp_path):
     csv = tmp_path / "metrics.csv"
-    csv.write_text("epoch,train_loss,val_dice_mean,val_dice_liver,lr\n1,0.9,,,0.01\n2,0.7,0.5,0.4,0.005\n3,0.6,nan,,\n")
+    csv.write_text("epoch,train_loss,val_dice_mean,val_dice_liver,lr\n1,0.9,,,0.01\n2,0.7,0.5,0.4,0.005\n3,0.6,nan,,\n", encoding="utf-8")
     fig = viz.plot_training_curves(csv)
     assert len(fig.axes) == 3 and fig.axes[2].get_yscale() == "log"
-    (tmp_path / "m2.csv").write_text("epoch,train_loss\n1,0.5\n2,0.4\n")
+    (tmp_path / "m2.csv").write_text("epoch,train_loss\n1,0.5\n2,0.4\n", encoding="utf-8")
     assert len(viz.plot_training_curves(tmp_path / "m2.csv").axes) == 2
 
 
@@ -82,11 +82,11 @@ def test_write_report(tmp_path, volumes):
     _write(image, run / "images" / "case_a.nii.gz")
     _write(truth, run / "truth" / "case_a.nii.gz")
     _write(pred, run / "preds" / "case_a_seg.nii.gz")
-    (run / "metrics.csv").write_text("epoch,train_loss,val_dice_mean,lr\n1,0.9,0.2,0.01\n2,0.5,,0.01\n")
+    (run / "metrics.csv").write_text("epoch,train_loss,val_dice_mean,lr\n1,0.9,0.2,0.01\n2,0.5,,0.01\n", encoding="utf-8")
     evaluate(run / "preds", run / "truth", labels={0: "bg", 1: "liver", 2: "tumour"}, output=run / "eval", images=run / "images")
-    html = write_report(run).read_text()
+    html = write_report(run).read_text(encoding="utf-8")
     assert html.count('<img alt="') >= 3 and '<img alt="training curves" src="data:image/png;base64,' in html
     assert "<table>" in html and "<td>tumour</td>" in html and "case_a" in html
     # no evaluation folder: still a report, with a note
     out = write_report(run, eval_dir=tmp_path / "nowhere", output=tmp_path / "r.html")
-    assert "metrics.csv: no such file" in out.read_text()
+    assert "metrics.csv: no such file" in out.read_text(encoding="utf-8")

@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # tables use "±"; never crash on an ASCII locale
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     level = logging.DEBUG if args.verbose else (logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s", stream=sys.stderr)
     logging.getLogger("ignite").setLevel(logging.WARNING)

@@ -390,7 +390,7 @@ def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = 
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist.")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):

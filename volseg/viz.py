@@ -323,7 +323,7 @@ def browse(
 
 
 def _read_curves(path: Path) -> Dict[str, np.ndarray]:
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     cols: Dict[str, List[float]] = {}
     for r in rows:

@@ -209,7 +209,7 @@ def write_text(path: PathLike, text: str) -> Path:
     path = Path(path)
     tmp = atomic_path(path)
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         _replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

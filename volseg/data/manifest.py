@@ -82,7 +82,7 @@ def load_manifest(path: Union[str, Path]) -> Manifest:
     if not path.is_file():
         raise ManifestError(f"manifest {str(path)!r} does not exist.")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ManifestError(f"manifest {path}: not valid JSON ({exc}).") from None
     problems: List[str] = []

@@ -38,7 +38,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..data.io import atomic_path, case_name, is_image_path, read_image, same_geometry
+from ..data.io import atomic_path, case_name, is_image_path, read_image, same_geometry, write_text
 
 log = logging.getLogger(__name__)
 
@@ -404,24 +404,15 @@ def evaluate(
     if output is not None:
         out_dir = Path(output)
         _write_csv(rows, out_dir / "metrics.csv")
-        _write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", out_dir / "summary.json")
+        write_text(out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
         log.info("wrote %s and %s", out_dir / "metrics.csv", out_dir / "summary.json")
     return EvaluationResult(rows=rows, summary=summary, output=out_dir, labels=dict(label_map))
-
-
-def _write_text(text: str, final: Path) -> None:
-    tmp = atomic_path(final)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_csv(rows: Sequence[dict], final: Path) -> None:
     tmp = atomic_path(final)
     try:
-        with open(tmp, "w", newline="") as fh:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
             w.writeheader()
             for r in rows:
@@ -439,7 +430,7 @@ def load_results(eval_dir: PathLike) -> EvaluationResult:
     if not csv_path.is_file():
         raise EvaluationError(f"{csv_path}: no such file (run `volseg evaluate ... --output {eval_dir}` first).")
     rows = []
-    with open(csv_path, newline="") as fh:
+    with open(csv_path, newline="", encoding="utf-8") as fh:
         for r in csv.DictReader(fh):
             row = {"case": r["case"], "label": int(r["label"]), "class": r["class"]}
             row.update({k: float(r[k]) if r.get(k) not in (None, "") else math.nan for k in METRICS + VOLUMES})
@@ -447,5 +438,5 @@ def load_results(eval_dir: PathLike) -> EvaluationResult:
             rows.append(row)
     labels = {r["label"]: r["class"] for r in rows}
     summary_path = eval_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else summarize(rows, labels)
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else summarize(rows, labels)
     return EvaluationResult(rows=rows, summary=summary, output=eval_dir, labels=labels)

@@ -136,7 +136,7 @@ def write_report(run_dir: PathLike, eval_dir: Optional[PathLike] = None, output:
         body.append(f"<p class=note>{html.escape(str(curves))} not found.</p>")
     for cfg in ("config.yaml", "config.yml", "config.json"):
         if (run_dir / cfg).is_file():
-            body.append(f"<details><summary>{cfg}</summary><pre>{html.escape((run_dir / cfg).read_text()[:20000])}</pre></details>")
+            body.append(f"<details><summary>{cfg}</summary><pre>{html.escape((run_dir / cfg).read_text(encoding='utf-8')[:20000])}</pre></details>")
             break
     body.append("<h2>Evaluation</h2>")
     try:

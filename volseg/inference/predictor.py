@@ -91,11 +91,11 @@ class Predictor:
             missing.append(f"{checkpoint}.pt")
         if missing:
             raise FileNotFoundError(f"{run} is not a complete volseg run folder: missing {missing}.")
-        data = yaml.safe_load((run / "config.yaml").read_text())
+        data = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
         if overrides:
             data.setdefault("infer", {}).update(overrides)
         cfg: Config = from_dict(data)
-        plan = Plan.from_json((run / "plan.json").read_text())
+        plan = Plan.from_json((run / "plan.json").read_text(encoding="utf-8"))
         model = build_network(cfg.model, len(plan.channels), plan.out_channels)
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])

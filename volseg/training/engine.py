@@ -143,7 +143,7 @@ def train(
     if resume:
         if not last.is_file():
             raise FileNotFoundError(f"--resume: {last} does not exist; start a new run without --resume.")
-        stored = from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+        stored = from_dict(yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")))
         cfg = stored if cfg is None else replace(stored, train={"epochs": cfg.train.epochs})
     elif last.exists():
         raise FileExistsError(f"{run} already holds a run (last.pt); pass --resume to continue it or choose another --output.")
@@ -156,7 +156,7 @@ def train(
     validate_cases(man, tuple(train_cases) + tuple(val_cases), min_cases=cfg.data.min_cases)
     log.info("%s: %d training, %d validation cases", man.name, len(train_cases), len(val_cases))
     if resume:
-        plan = Plan.from_json((run / "plan.json").read_text())
+        plan = Plan.from_json((run / "plan.json").read_text(encoding="utf-8"))
     else:
         log.info("fingerprinting %d training cases", len(train_cases))
         plan = make_plan(man, train_cases, cfg, seed=cfg.train.seed)
@@ -294,7 +294,7 @@ def train(
         if mean is not None and mean > state["best"]:
             state["best"] = mean
             save_torch({"model": model.state_dict(), "epoch": ep, "val_dice_mean": mean}, run / "best.pt")
-        with open(csv_path, "a", newline="") as f:
+        with open(csv_path, "a", newline="", encoding="utf-8") as f:
             csv.writer(f).writerow([_fmt(row.get(h)) for h in header])
         for k, v in row.items():
             if k != "epoch" and v is not None:
@@ -341,7 +341,7 @@ def _truncate_csv(path: Path, epoch: int) -> None:
     """Drop rows written after the checkpoint being resumed (a kill between the two writes)."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     keep = [lines[0]] + [ln for ln in lines[1:] if ln and int(ln.split(",")[0]) <= epoch]
     write_text(path, "\n".join(keep) + "\n")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -375,13 +374,9 @@ def plot_training_curves(metrics_csv: PathLike, fig: Optional["Figure"] = None) 
 
 def save_figure(fig: "Figure", path: PathLike, dpi: int = 100) -> Path:
     """Write ``fig`` atomically to ``path`` (format from the suffix: .png, .pdf, .svg, ...)."""
-    from .data.io import atomic_path
+    from .data.io import atomic_write
 
     path = Path(path)
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,8 +32,7 @@ __all__ = [
     "write_label_like",
     "case_name",
     "is_image_path",
-    "atomic_path",
-    "geometry",
+    "atomic_write",
     "same_geometry",
     "write_text",
     "save_torch",
@@ -103,16 +103,6 @@ def read_image(path: PathLike, pixel_type: Optional[int] = None) -> sitk.Image:
     return img
 
 
-def geometry(img: sitk.Image) -> dict:
-    """Size, spacing (mm), origin (mm, LPS) and direction of an image, as plain lists."""
-    return {
-        "size": list(img.GetSize()),
-        "spacing": list(img.GetSpacing()),
-        "origin": list(img.GetOrigin()),
-        "direction": list(img.GetDirection()),
-    }
-
-
 def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> Optional[str]:
     """``None`` when ``a`` and ``b`` share a voxel grid (within ``tol`` relative/mm), else a
     sentence saying what differs."""
@@ -128,10 +118,21 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> Optional[s
     return None
 
 
-def atomic_path(final: PathLike) -> Path:
-    """A fresh temporary path in ``final``'s folder that keeps its suffix (writers pick the
-    format from it). The caller writes there and ``os.replace``s it onto ``final``."""
+@contextmanager
+def atomic_write(final: PathLike) -> Iterator[Path]:
+    """Yield a temporary path in ``final``'s folder (same suffix, so writers pick the right
+    format); when the block succeeds it is renamed onto ``final``, otherwise removed. A crash
+    never leaves a half-written file under the final name."""
     final = Path(final)
+    tmp = _temp_path(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _temp_path(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if final.name.endswith(".nii.gz") else final.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
@@ -143,25 +144,11 @@ def atomic_path(final: PathLike) -> Path:
     return Path(tmp)
 
 
-def _replace(tmp: Path, final: Path) -> None:
-    try:
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_image(img: sitk.Image, path: PathLike, compress: bool = True) -> Path:
     """Write ``img`` atomically to ``path`` (format from the suffix)."""
-    path = Path(path)
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         sitk.WriteImage(img, str(tmp), compress)
-        _replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def write_label_like(labels: np.ndarray, reference: PathLike, ref_img: sitk.Image, path: PathLike) -> Path:
@@ -191,13 +178,8 @@ def write_label_like(labels: np.ndarray, reference: PathLike, ref_img: sitk.Imag
         s, scode = src.header.get_sform(coded=True)
         out.set_qform(q if q is not None else src.affine, int(qcode))
         out.set_sform(s if s is not None else src.affine, int(scode))
-        tmp = atomic_path(path)
-        try:
+        with atomic_write(path) as tmp:
             nib.save(out, str(tmp))
-            _replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return path
     img = sitk.GetImageFromArray(labels)
     img.CopyInformation(ref_img)
@@ -206,15 +188,9 @@ def write_label_like(labels: np.ndarray, reference: PathLike, ref_img: sitk.Imag
 
 def write_text(path: PathLike, text: str) -> Path:
     """Write a small text file atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        _replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def save_torch(obj: object, path: PathLike) -> Path:
@@ -222,15 +198,9 @@ def save_torch(obj: object, path: PathLike) -> Path:
     writing its replacement, so a crash there loses ``last.pt``; a rename never does.)"""
     import torch
 
-    path = Path(path)
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         torch.save(obj, tmp)
-        _replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def nifti_affine(img: sitk.Image) -> np.ndarray:

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -92,21 +91,25 @@ def to_canonical(img: sitk.Image, orientation: str) -> sitk.Image:
     return sitk.DICOMOrient(img, orientation.upper())
 
 
-def _target_grid(img: sitk.Image, spacing: Sequence[float]) -> Tuple[List[int], Tuple[float, ...]]:
+def _target_grid(img: sitk.Image, spacing: Sequence[float]) -> Tuple[List[int], Tuple[float, ...], Tuple[float, ...]]:
+    """(size, origin, spacing) of ``img`` resampled to ``spacing``: the image's own grid when
+    the spacing already matches within 0.1%, else a grid of the same physical extent."""
     old_sp = np.array(img.GetSpacing())
+    if np.allclose(old_sp, spacing, rtol=1e-3):
+        return list(img.GetSize()), tuple(img.GetOrigin()), tuple(img.GetSpacing())
     new_sp = np.array(spacing, dtype=float)
     size = np.maximum(1, np.round(np.array(img.GetSize()) * old_sp / new_sp)).astype(int)
     # keep the grid's physical extent centred: move the first voxel centre by half the spacing change
     d = np.array(img.GetDirection()).reshape(3, 3)
     origin = np.array(img.GetOrigin()) + d @ ((new_sp - old_sp) / 2)
-    return size.tolist(), tuple(origin.tolist())
+    return size.tolist(), tuple(origin.tolist()), tuple(float(v) for v in new_sp)
 
 
 def resample(img: sitk.Image, spacing: Sequence[float], is_label: bool = False) -> sitk.Image:
     """Resample to ``spacing`` (mm, image axis order) on a grid of the same extent."""
-    if np.allclose(img.GetSpacing(), spacing, rtol=1e-3):
+    size, origin, spacing = _target_grid(img, spacing)
+    if tuple(size) == img.GetSize() and spacing == img.GetSpacing():
         return img
-    size, origin = _target_grid(img, spacing)
     if not is_label:
         factor = np.array(spacing) / np.array(img.GetSpacing())
         if np.any(factor > 1.5):
@@ -114,7 +117,7 @@ def resample(img: sitk.Image, spacing: Sequence[float], is_label: bool = False) 
             sigma = np.maximum(np.array(spacing) - np.array(img.GetSpacing()), 0) / 2
             img = sitk.SmoothingRecursiveGaussian(img, [float(max(s, 1e-3)) for s in sigma])
     interp = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
-    return sitk.Resample(img, size, sitk.Transform(), interp, origin, tuple(float(s) for s in spacing), img.GetDirection(), 0, img.GetPixelID())
+    return sitk.Resample(img, size, sitk.Transform(), interp, origin, spacing, img.GetDirection(), 0, img.GetPixelID())
 
 
 def _array(img: sitk.Image) -> np.ndarray:
@@ -242,16 +245,14 @@ def _restored_channels(probs: np.ndarray, plan: Plan, reference: sitk.Image):
     canonical-orientation version of ``reference``, as ``[z, y, x]`` float32; first the
     canonical image itself."""
     canon = to_canonical(reference, plan.orientation)
-    pre_size, pre_origin = _target_grid(canon, plan.spacing)
-    if np.allclose(canon.GetSpacing(), plan.spacing, rtol=1e-3):
-        pre_size, pre_origin = list(canon.GetSize()), canon.GetOrigin()
+    pre_size, pre_origin, pre_spacing = _target_grid(canon, plan.spacing)
     if list(probs.shape[1:]) != list(pre_size):
         raise ValueError(f"probabilities of spatial shape {probs.shape[1:]} do not match the preprocessed grid {pre_size}.")
     yield canon
     for channel in probs:
         img = sitk.GetImageFromArray(np.ascontiguousarray(channel.astype(np.float32).transpose(2, 1, 0)))
-        img.SetSpacing(tuple(float(s) for s in plan.spacing))
-        img.SetOrigin(tuple(pre_origin))
+        img.SetSpacing(pre_spacing)
+        img.SetOrigin(pre_origin)
         img.SetDirection(canon.GetDirection())
         # extrapolate at the border: the resampled grid can end up to half a voxel short of the
         # original extent, whose outermost layer would otherwise come back as background

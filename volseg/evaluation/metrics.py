@@ -30,7 +30,6 @@ import csv
 import json
 import logging
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..data.io import atomic_path, case_name, is_image_path, read_image, same_geometry, write_text
+from ..data.io import atomic_write, case_name, is_image_path, read_image, same_geometry, write_text
 
 log = logging.getLogger(__name__)
 
@@ -410,16 +409,11 @@ def evaluate(
 
 
 def _write_csv(rows: Sequence[dict], final: Path) -> None:
-    tmp = atomic_path(final)
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(final) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(CSV_COLUMNS))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
 def load_results(eval_dir: PathLike) -> EvaluationResult:

@@ -11,11 +11,10 @@ import html
 import io
 import logging
 import math
-import os
 from pathlib import Path
 from typing import List, Optional, Union
 
-from ..data.io import atomic_path
+from ..data.io import atomic_write
 from .metrics import METRICS, VOLUMES, EvaluationError, EvaluationResult, load_results, worst_cases
 
 log = logging.getLogger(__name__)
@@ -152,11 +151,7 @@ def write_report(run_dir: PathLike, eval_dir: Optional[PathLike] = None, output:
         + "\n".join(body)
         + "</body></html>\n"
     )
-    tmp = atomic_path(output)
-    try:
+    with atomic_write(output) as tmp:
         tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("wrote %s", output)
     return output

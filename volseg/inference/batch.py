@@ -83,18 +83,14 @@ def _write_probabilities(probs: np.ndarray, plan, reference, path: Path) -> Path
     with ``scl_slope = 1/255``: readers get floats in [0, 1]. (NIfTI has no float16 type.)"""
     import nibabel as nib
 
-    from ..data.io import atomic_path, nifti_affine
+    from ..data.io import atomic_write, nifti_affine
     from ..data.preprocess import restore_probabilities
 
     arr = restore_probabilities(probs, plan, reference)  # (K, z, y, x)
     out = nib.Nifti1Image(np.ascontiguousarray(arr.transpose(3, 2, 1, 0)), nifti_affine(reference))
     out.header.set_slope_inter(1 / 255, 0.0)
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         nib.save(out, str(tmp))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -108,7 +104,7 @@ def infer_many(
     checkpoint: str = "best",
 ) -> List[Tuple[Job, str]]:
     """Segment every job with the run in ``model``; return ``[(job, error message)]``."""
-    from .. import __version__
+    from .. import versions
     from ..config import to_dict
     from .predictor import Predictor
 
@@ -139,7 +135,7 @@ def infer_many(
                 "model": pred.run_info,
                 "labels": dict(zip(pred.plan.label_values, pred.plan.label_names)),
                 "settings": {**to_dict(pred.infer), "device": str(pred.device)},
-                "versions": _versions(__version__),
+                "versions": versions(),
                 "timing_s": {**{k: round(v, 3) for k, v in out["timing"].items()}, "total_s": round(time.perf_counter() - t0, 3)},
             }
             write_text(_sidecar(job.output), json.dumps(sidecar, indent=2))
@@ -162,9 +158,3 @@ def _sidecar(output: Path) -> Path:
             return output.with_name(name[: -len(suffix)] + ".json")
     return output.with_name(name + ".json")
 
-
-def _versions(v: str) -> dict:
-    import monai
-    import torch
-
-    return {"volseg": v, "torch": torch.__version__, "monai": monai.__version__}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..config import check_choice
-from ..data.io import atomic_path, write_text
+from ..data.io import atomic_write, write_text
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,7 @@ def export(run_dir: Union[str, Path], fmt: str = "torchscript", output: Optional
     out = Path(output) if output else Path(run_dir) / ("model.ts.pt" if fmt == "torchscript" else "model.onnx")
     net = _wrapped(pred)
     example = torch.randn(1, len(pred.plan.channels), *pred.plan.patch_size)
-    tmp = atomic_path(out)
-    try:
+    with atomic_write(out) as tmp:
         # traced at the fixed window shape: the shape-dependent padding branches are constants
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -63,9 +62,6 @@ def export(run_dir: Union[str, Path], fmt: str = "torchscript", output: Optional
                     net, (example,), str(tmp), input_names=["image"], output_names=["probabilities"],
                     dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}}, opset_version=17, dynamo=False,
                 )
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
     meta = {
         "format": fmt,
         "input": {"name": "image", "shape": ["batch", len(pred.plan.channels), *pred.plan.patch_size], "dtype": "float32",

@@ -12,7 +12,6 @@ so the float32 stitching buffer never covers more than one slab.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from pathlib import Path

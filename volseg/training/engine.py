@@ -18,16 +18,15 @@ import hashlib
 import json
 import logging
 import math
-import platform
 import random
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import yaml
 
-from .. import __version__
+from .. import versions
 from ..config import Config, ConfigError, from_dict, replace, to_dict
 from ..data.io import save_torch, write_text
 from ..data.manifest import Case, Manifest, load_manifest, split_cases, validate_cases
@@ -35,22 +34,7 @@ from ..data.preprocess import Plan, make_plan, preprocess_case
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "versions", "dice_per_class"]
-
-
-def versions() -> Dict[str, str]:
-    import monai
-    import SimpleITK
-    import torch
-
-    return {
-        "volseg": __version__,
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "SimpleITK": SimpleITK.Version_VersionString(),
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
+__all__ = ["train", "dice_per_class"]
 
 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> List[float]:

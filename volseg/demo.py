@@ -20,16 +20,12 @@ __all__ = ["run_demo", "demo_config"]
 
 
 def demo_config(overrides: Sequence[str] = ()):
-    """The demo config: ``configs/demo.yaml`` in a source checkout, else the same settings
-    from the defaults (an installed wheel carries no ``configs/``)."""
-    from .config import load_config
+    """``configs/demo.yaml`` of the source checkout, with ``overrides`` applied."""
+    from .config import ConfigError, load_config
 
-    if DEMO_CONFIG.is_file():
-        return load_config(DEMO_CONFIG, overrides)
-    base = ["model.features=[16,32,64,128]", "data.patch_size=[64,64,48]", "data.samples_per_volume=2", "augment.elastic_prob=0.1",
-            "augment.rotate_prob=0.2", "augment.scale_prob=0.2", "train.epochs=30", "train.steps_per_epoch=20", "infer.overlap=0.25",
-            "infer.batch_size=2"]
-    return load_config(None, base + list(overrides))
+    if not DEMO_CONFIG.is_file():
+        raise ConfigError(f"{DEMO_CONFIG} not found: run the demo from a volseg source checkout (`make demo`).")
+    return load_config(DEMO_CONFIG, overrides)
 
 
 def run_demo(output: Union[str, Path] = "demo", device: str = "auto", overrides: Sequence[str] = (), progress: bool = False,

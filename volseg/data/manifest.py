@@ -22,7 +22,7 @@ from .io import case_name, same_geometry
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Case", "Manifest", "ManifestError", "load_manifest", "validate_cases", "split_cases"]
+__all__ = ["Case", "Manifest", "is_ct_modality", "ManifestError", "load_manifest", "validate_cases", "split_cases"]
 
 
 class ManifestError(ValueError):
@@ -52,7 +52,12 @@ class Manifest:
 
     @property
     def is_ct(self) -> bool:
-        return any(m.strip().upper() == "CT" for m in self.modalities)
+        return any(is_ct_modality(m) for m in self.modalities)
+
+
+def is_ct_modality(name: str) -> bool:
+    """A channel named CT (any case) gets CT (Hounsfield-unit) normalisation."""
+    return name.strip().upper() == "CT"
 
 
 def _as_case(entry: object, root: Path, where: str, problems: List[str], need_label: bool) -> Optional[Case]:

@@ -28,7 +28,7 @@ import SimpleITK as sitk
 
 from ..config import Config, ConfigError
 from .io import ImageReadError, read_image
-from .manifest import Case, Manifest
+from .manifest import Case, Manifest, is_ct_modality
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def make_plan(manifest: Manifest, cases: Sequence[Case], cfg: Config, max_sample
     for c, modality in enumerate(manifest.modalities):
         scheme = cfg.data.normalization
         if scheme == "auto":
-            scheme = "ct" if modality.strip().upper() == "CT" else "zscore"
+            scheme = "ct" if is_ct_modality(modality) else "zscore"
         if scheme == "ct":
             vals = np.concatenate(fg[c]) if fg[c] else np.zeros(0, np.float32)
             if vals.size < 10:

@@ -64,17 +64,24 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
-        raise RunFolderError(
-            f"{path}: refused to load: it holds objects other than tensors and plain data, which could run code "
-            f"({reason[:200]}). Only load checkpoints you trust; retrain or restore the file from a backup."
-        ) from None
+        text = str(exc)
+        reason = next((ln.strip() for ln in text.splitlines() if "WeightsUnpickler error" in ln), "").replace("WeightsUnpickler error:", "").strip()
+        if "Unsupported global" in text or "Unsupported class" in text:
+            raise RunFolderError(
+                f"{path}: refused to load: it holds objects other than tensors and plain data, which could run code "
+                f"({reason.split('. Please')[0][:160]}). Only load checkpoints you trust; retrain or restore the file from a backup."
+            ) from None
+        raise _corrupt(path, reason or "not a torch checkpoint") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise RunFolderError(f"{path}: corrupt or truncated checkpoint ({str(exc).strip().splitlines()[0][:200]}); "
-                             "restore it from a backup, or use the other checkpoint (best.pt/last.pt), or retrain.") from None
+        raise _corrupt(path, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
     if not isinstance(state, dict) or "model" not in state:
         raise RunFolderError(f"{path}: not a volseg checkpoint (no 'model' entry); retrain or restore the file.")
     return state
+
+
+def _corrupt(path: Path, reason: str) -> RunFolderError:
+    return RunFolderError(f"{path}: corrupt or truncated checkpoint ({reason[:160]}); restore it from a backup, "
+                          "use the run's other checkpoint (best.pt/last.pt), or retrain.")
 
 
 def read_config(run: Path, overrides: Optional[dict] = None) -> Config:

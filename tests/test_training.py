@@ -240,6 +240,27 @@ def test_memory_cache_falls_back_to_disk_when_ram_is_short(tiny_dataset, tmp_pat
     assert len(list(cache.glob("*/train/*.pt"))) == 3 and len(count_preprocess) == 4
 
 
+def test_augmentation_never_writes_into_the_memory_cache(tiny_dataset):
+    """The memory cache hands its arrays to the random transforms without a copy."""
+    import torch
+
+    from volseg.data.manifest import load_manifest
+    from volseg.data.preprocess import make_plan
+    from volseg.training.data import build_datasets
+
+    man = load_manifest(tiny_dataset)
+    cfg = load_config(None, TINY + ["augment.rotate_prob=1", "augment.scale_prob=1", "augment.elastic_prob=1", "augment.flip_prob=1",
+                                    "augment.noise_prob=1", "augment.intensity_scale_prob=1", "augment.intensity_shift_prob=1"])
+    plan = make_plan(man, man.training[:2], cfg)
+    ds, _, _ = build_datasets(man.training[:2], (), plan, cfg, Path("unused"), 2)
+    before = [{k: torch.as_tensor(v).clone() for k, v in c.items() if k in ("image", "label")} for c in ds._cache]
+    for i in range(6):
+        ds[i % 2]
+    for snap, cached in zip(before, ds._cache):
+        assert all(torch.equal(v, torch.as_tensor(cached[k])) for k, v in snap.items())
+        assert "label_cls_indices" in cached
+
+
 def test_cache_size_estimate_from_the_plan(tiny_dataset):
     from volseg.data.manifest import load_manifest
     from volseg.data.preprocess import preprocess_case

@@ -541,3 +541,24 @@ def test_all_empty_labels_warn_under_zscore(tiny_dataset, tmp_path, caplog):
         plan = make_plan(man, man.training, load_config(None, TINY))
     assert plan.norms[0].scheme == "zscore"
     assert any("foreground" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.cuda
+def test_cuda_training_with_amp_validation_resume_and_infer(tiny_dataset, tmp_path):
+    """The shipped config on the GPU (AMP, GradScaler, deep supervision), validation on the
+    device, extension by --resume, then volseg infer --device cuda."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    small = ["model.features=[8,16,32]", "data.patch_size=[24,24,16]", "train.epochs=2", "train.steps_per_epoch=3",
+             "train.val_every=1", "data.val_fraction=0.25", "data.num_workers=0"]
+    run = train(tiny_dataset, load_config(ROOT / "configs/default.yaml", small), tmp_path / "run", device="cuda")
+    assert [r["epoch"] for r in _rows(run)] == ["1", "2"] and all(r["val_dice_mean"] != "" for r in _rows(run))
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["scaler"]["scale"] > 0 and ckpt["epoch"] == 2
+    assert main(["-q", "train", str(tiny_dataset), "--output", str(run), "--resume", "--device", "cuda", "--set", "train.epochs=3"]) == 0
+    rows = _rows(run)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and np.isfinite(float(rows[2]["train_loss"]))
+    assert main(["-q", "infer", str(tiny_dataset), "--model", str(run), "--output", str(tmp_path / "pred"), "--device", "cuda"]) == 0
+    assert len(list((tmp_path / "pred").glob("*_seg.nii.gz"))) == 2

@@ -140,6 +140,7 @@ def _fit(run: Path, cfg: Config, plan: Plan, split: tuple, resume: bool, device:
         if done >= t.epochs:
             log.info("run already complete (%d/%d epochs); raise train.epochs to continue it", done, t.epochs)
             return run
+        trainer.state.max_epochs = t.epochs  # extend: a finished state with the old total would restart at epoch 0
     row: dict = {}
     tb = TensorboardLogger(log_dir=str(run / "tb"))
     _attach(trainer, parts, Predictor(parts.model, plan, cfg.infer, parts.device), val_ds, plan, cfg, transform, row, progress)

@@ -37,7 +37,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..data.io import atomic_write, case_name, is_image_path, read_image, same_geometry, write_text
+from ..data.io import ImageReadError, atomic_write, case_name, is_image_path, read_label, same_geometry, write_text
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,10 @@ def evaluate(
     def load(name: str) -> Tuple[np.ndarray, np.ndarray, Tuple[float, ...]]:
         import SimpleITK as sitk
 
-        p_img, t_img = read_image(pred_cases[name]), read_image(truth_cases[name])
+        try:  # truncated, NaN or non-integer label maps are refused by read_label
+            p_img, t_img = read_label(pred_cases[name]), read_label(truth_cases[name])
+        except ImageReadError as exc:
+            raise EvaluationError(f"case {name!r}: {exc}") from None
         diff = same_geometry(p_img, t_img)
         if diff:
             raise EvaluationError(

@@ -145,7 +145,8 @@ def _read_nifti(path: Path) -> List[sitk.Image]:
     import nibabel as nib
 
     try:
-        nii = nib.load(str(path), mmap=False)
+        with nib.imageglobals.LoggingOutputSuppressor():  # header fixes it logs are checked below
+            nii = nib.load(str(path), mmap=False)
     except Exception as exc:  # nibabel raises many types for a bad header
         raise ImageReadError(f"{path}: cannot read NIfTI header ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}).") from None
     shape = tuple(int(s) for s in nii.shape)
@@ -153,7 +154,8 @@ def _read_nifti(path: Path) -> List[sitk.Image]:
         shape = shape[:3] + shape[4:]  # NIfTI vector images put components on the 5th axis
     if len(shape) not in (3, 4):
         raise ImageReadError(f"{path}: image has {len(shape)} dimensions (size {list(shape)}); expected a 3D volume (or 3D + channels).")
-    pixdim = np.asarray(nii.header["pixdim"][1:4], dtype=float)
+    with nib.openers.ImageOpener(str(path)) as fh:  # nibabel's load silently sets a zero pixdim to 1
+        pixdim = np.asarray(type(nii.header).from_fileobj(fh, check=False)["pixdim"][1:4], dtype=float)
     if not np.all(np.isfinite(pixdim)) or np.any(pixdim == 0):
         raise ImageReadError(f"{path}: header voxel size (pixdim) {pixdim.tolist()} mm; every spacing must be finite and non-zero.")
     origin, spacing, direction = _lps_grid(nii.affine, path)

@@ -243,7 +243,7 @@ def _check_input(images: Sequence[sitk.Image], plan: Plan, source: str) -> None:
     if small or int(np.prod(size)) > MAX_VOXELS:
         raise ImageReadError(
             f"{source}: {list(canon.GetSize())} voxels of {[round(s, 4) for s in canon.GetSpacing()]} mm ({plan.orientation} order) "
-            f"resample to {size} voxels at the model's {list(plan.spacing)} mm; volseg needs at least {MIN_VOXELS} voxels along "
+            f"resample to {size} voxels at the model's {[round(s, 4) for s in plan.spacing]} mm; volseg needs at least {MIN_VOXELS} voxels along "
             f"each {'in-plane ' if plan.spatial_dims == 2 else ''}axis, before and after resampling, and at most {MAX_VOXELS:,} "
             "after (check the header's spacing)."
         )

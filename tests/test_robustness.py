@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -373,3 +373,19 @@ def test_stale_temporary_folders_are_removed(tmp_path, caplog):
     assert not stale.exists() and fresh.exists()  # a running writer's folder is left alone
     assert str(stale) in caplog.text and "interrupted" in caplog.text
     assert (tmp_path / "note.txt").read_text(encoding="utf-8") == "hello"
+
+
+def test_an_unwritable_output_fails_its_scan_and_the_batch_goes_on(tiny_run, tmp_path, capsys):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    _scan(scans, "a.nii.gz")
+    _scan(scans, "b.nii.gz")
+    (tmp_path / "out" / "a_seg.nii.gz").mkdir(parents=True)  # a folder where a's mask should go
+    assert main(["-q", "infer", str(scans), "--model", str(tiny_run), "--output", str(tmp_path / "out")]) == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    failed = [ln for ln in err.splitlines() if ln.startswith("FAILED ")]
+    assert len(failed) == 1 and failed[0].startswith("FAILED a: cannot write") and "a_seg.nii.gz" in failed[0], err
+    assert "1/2 scan(s) segmented" in out
+    assert read_image(tmp_path / "out" / "b_seg.nii.gz").GetSize() == read_image(scans / "b.nii.gz").GetSize()
+    assert not list((tmp_path / "out").glob(TEMP_PREFIX + "*"))

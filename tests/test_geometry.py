@@ -107,3 +107,14 @@ def test_nifti_round_trip_keeps_grid_and_header(img, target):
         for key in ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "srow_x", "srow_y", "srow_z"):
             assert np.array_equal(a[key], b[key]), key
         assert np.array_equal(a["pixdim"][:4], b["pixdim"][:4])
+
+
+def test_half_turn_quaternion_header_is_copied_byte_for_byte(tmp_path):
+    """A 180-degree rotation has two quaternion encodings; the mask keeps the scan's."""
+    img = sitk.Image([5, 6, 7], sitk.sitkUInt8)
+    img.SetDirection([0, 1, 0, 1, 0, 0, 0, 0, -1])
+    ref_path = write_image(img, tmp_path / "scan.nii.gz")
+    out = write_label_like(np.zeros((7, 6, 5), np.uint8), ref_path, read_image(ref_path), tmp_path / "seg.nii.gz")
+    a, b = nib.load(str(ref_path)).header, nib.load(str(out)).header
+    for key in ("quatern_b", "quatern_c", "quatern_d", "pixdim", "srow_x", "qform_code", "sform_code"):
+        assert np.array_equal(a[key], b[key]), key

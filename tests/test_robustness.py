@@ -389,3 +389,10 @@ def test_an_unwritable_output_fails_its_scan_and_the_batch_goes_on(tiny_run, tmp
     assert "1/2 scan(s) segmented" in out
     assert read_image(tmp_path / "out" / "b_seg.nii.gz").GetSize() == read_image(scans / "b.nii.gz").GetSize()
     assert not list((tmp_path / "out").glob(TEMP_PREFIX + "*"))
+
+
+def test_big_endian_nifti_reads_the_same_values(tmp_path):
+    a = np.arange(6 * 5 * 4, dtype=">i2").reshape(6, 5, 4)
+    nib.save(nib.Nifti1Image(a, np.diag([2.0, 3.0, 4.0, 1.0]), nib.Nifti1Header(endianness=">")), str(tmp_path / "be.nii"))
+    img = read_image(tmp_path / "be.nii")
+    assert np.array_equal(sitk.GetArrayFromImage(img).T, a) and img.GetSpacing() == (2.0, 3.0, 4.0)

@@ -396,3 +396,17 @@ def test_big_endian_nifti_reads_the_same_values(tmp_path):
     nib.save(nib.Nifti1Image(a, np.diag([2.0, 3.0, 4.0, 1.0]), nib.Nifti1Header(endianness=">")), str(tmp_path / "be.nii"))
     img = read_image(tmp_path / "be.nii")
     assert np.array_equal(sitk.GetArrayFromImage(img).T, a) and img.GetSpacing() == (2.0, 3.0, 4.0)
+
+
+def test_an_output_folder_without_write_permission_fails_once_up_front(tiny_run, tmp_path, capsys, monkeypatch):
+    import volseg.inference.batch as batch
+
+    # the tests run as root, for whom chmod 0o500 does not stop writes: fake what os.access says
+    real = os.access
+    monkeypatch.setattr(batch.os, "access", lambda p, mode: False if Path(p) == tmp_path / "ro" else real(p, mode))
+    (tmp_path / "ro").mkdir()
+    scan = _scan(tmp_path)
+    assert main(["-q", "infer", str(scan), "--model", str(tiny_run), "--output", str(tmp_path / "ro" / "preds")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not writable" in err and str(tmp_path / "ro") in err and "Traceback" not in err
+    assert not (tmp_path / "ro" / "preds").exists()

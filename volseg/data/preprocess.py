@@ -251,7 +251,10 @@ def _check_input(images: Sequence[sitk.Image], plan: Plan, source: str) -> None:
 
 def preprocess(images: Sequence[sitk.Image], plan: Plan, label: Optional[sitk.Image] = None, source: str = "") -> Dict[str, np.ndarray]:
     """Replay the plan on one case. Returns ``{"image": (C,X,Y,Z) float32}`` and, with a label,
-    ``"label": (1,X,Y,Z) uint8`` class indices."""
+    ``"label": (1,X,Y,Z) uint8`` class indices. Raises :class:`ImageReadError` (naming
+    ``source``) when the channel count differs from the plan's, the channels are not on one
+    grid, or the grid has fewer than :data:`MIN_VOXELS` per axis (before or after resampling;
+    in-plane axes in 2D mode) or more than :data:`MAX_VOXELS` after."""
     _check_input(images, plan, source or "input")
     chans = []
     for img, norm in zip(images, plan.norms):

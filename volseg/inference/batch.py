@@ -102,8 +102,8 @@ def _error_line(exc: BaseException) -> str:
     """One line for a failed scan: ITK's cause without its source location, else the message."""
     if isinstance(exc, RuntimeError) and ("ITK ERROR" in str(exc) or "SimpleITK" in str(exc)):
         return itk_error_text(exc)
-    if isinstance(exc, OSError) and exc.filename:
-        return f"cannot write {exc.filename}: {exc.strerror}"
+    if isinstance(exc, OSError) and exc.filename:  # reads raise ImageReadError: this is a write
+        return f"cannot write {exc.filename2 or exc.filename}: {exc.strerror}"  # os.replace: filename2 is the target
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

@@ -1,7 +1,9 @@
 """Dataset manifests: the Medical Segmentation Decathlon ``dataset.json``, accepted as is.
 
 Keys: ``name``, ``modality`` (channel index -> name, e.g. ``{"0": "CT"}``), ``labels`` (value ->
-name, 0 = background), ``training`` (``[{"image": path | [paths per channel], "label": path}]``),
+name, 0 = background), ``training`` (``[{"image": path | [paths per channel], "label": path}]``;
+a 4D image file holds as many channels as its 4th axis is long, as in the Decathlon's
+multi-modal tasks),
 optional ``validation`` (same form) and ``test`` (paths, or dicts with ``image`` and optional
 ``label``). Relative paths resolve against the manifest's folder.
 """

@@ -222,7 +222,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, ManifestError, ImageReadError, EvaluationError, FileNotFoundError, FileExistsError) as exc:
+    except (ConfigError, ManifestError, ImageReadError, EvaluationError, OSError) as exc:
+        # OSError: missing files, permissions, a file where a folder should be, a full disk;
+        # its message names the path
         if args.verbose:
             raise
         print(f"volseg {args.command}: error: {exc}", file=sys.stderr)

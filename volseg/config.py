@@ -51,9 +51,7 @@ def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{name}={value!r} must be a finite number.")
-    if value < 0 or (value == 0 and not allow_zero):
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}.")
 
 
@@ -313,6 +311,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}={value!r} must be a number.")
+        if not math.isfinite(value):  # YAML reads .nan/.inf, and "nan"/"inf" strings parse above
+            raise ConfigError(f"{name}={value!r} must be a finite number.")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -398,6 +398,8 @@ def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = 
             raise ConfigError(f"config file {str(p)!r} does not exist.")
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); save it as UTF-8.") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):

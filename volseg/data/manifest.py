@@ -1,7 +1,9 @@
 """Dataset manifests: the Medical Segmentation Decathlon ``dataset.json``, accepted as is.
 
 Keys: ``name``, ``modality`` (channel index -> name, e.g. ``{"0": "CT"}``), ``labels`` (value ->
-name, 0 = background), ``training`` (``[{"image": path | [paths per channel], "label": path}]``),
+name, 0 = background), ``training`` (``[{"image": path | [paths per channel], "label": path}]``;
+a 4D image file holds as many channels as its 4th axis is long, as in the Decathlon's
+multi-modal tasks),
 optional ``validation`` (same form) and ``test`` (paths, or dicts with ``image`` and optional
 ``label``). Relative paths resolve against the manifest's folder.
 """
@@ -18,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .io import case_name, same_geometry
+from .io import ImageReadError, case_name, itk_error_text, read_label, same_geometry
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,8 @@ def load_manifest(path: Union[str, Path]) -> Manifest:
         raise ManifestError(f"manifest {str(path)!r} does not exist.")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"manifest {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); save it as UTF-8 JSON.") from None
     except json.JSONDecodeError as exc:
         raise ManifestError(f"manifest {path}: not valid JSON ({exc}).") from None
     problems: List[str] = []
@@ -133,11 +137,13 @@ def load_manifest(path: Union[str, Path]) -> Manifest:
     )
 
 
-def _header(path: Path) -> sitk.ImageFileReader:
+def _header(path: Path):
+    """A header-only reader (``GetSize``, ``GetSpacing``, ...) for a file; a DICOM series
+    folder is read in full (SimpleITK has no header-only path for a series)."""
     if path.is_dir():
         from .io import read_image
 
-        return read_image(path)  # DICOM series: read the series (no header-only path)
+        return read_image(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
@@ -155,18 +161,54 @@ def _info_image(h) -> sitk.Image:
     return img
 
 
+def _channels(h) -> int:
+    """Channels in a file: the length of a 4th axis (MSD multi-modal tasks), else 1."""
+    return int(h.GetSize()[3]) if h.GetDimension() == 4 else 1
+
+
+def _check_files(case: Case, paths: List[Path], heads: list, problems: List[str], tol: float) -> None:
+    """Dimensions, sizes and geometry of a case's files against its first file."""
+    ref = heads[0]
+    ref_size = list(ref.GetSize())[:3]
+    for p, h in zip(paths, heads):
+        dim, size = h.GetDimension(), list(h.GetSize())
+        if dim not in (3, 4):
+            problems.append(f"{case.name}: {p.name} has {dim} dimensions (size {size}); expected 3D (or 3D + channels)")
+            continue
+        if p == case.label and dim == 4 and size[3] != 1:
+            problems.append(f"{case.name}: label {p.name} is 4D (size {size}); a label map is one 3D volume")
+            continue
+        if size[:3] != ref_size:
+            problems.append(f"{case.name}: {p.name} size {size[:3]} differs from {paths[0].name} size {ref_size}")
+            continue
+        diff = same_geometry(_info_image(ref), _info_image(h), tol=tol)
+        if diff:
+            problems.append(f"{case.name}: {p.name} geometry differs from {paths[0].name}: {diff}")
+
+
+def _check_label(case: Case, allowed: set, problems: List[str]) -> None:
+    try:
+        lab = sitk.GetArrayFromImage(read_label(case.label))
+    except ImageReadError as exc:
+        problems.append(f"{case.name}: {exc}")
+        return
+    bad = sorted(set(np.unique(lab).astype(int).tolist()) - allowed)
+    if bad:
+        problems.append(f"{case.name}: label {case.label.name} has values {bad} not declared in 'labels' {sorted(allowed)}")
+
+
 def validate_cases(manifest: Manifest, cases: Sequence[Case], min_cases: int = 1, tol: float = 1e-3) -> None:
     """Check files, channels, geometry and label values of ``cases``; raise one ManifestError
-    that lists every problem (naming the files), or return None."""
+    that lists every problem (naming the files), or return None.
+
+    Channels are counted per file: a 3D file is one, a 4D file as many as its 4th axis (the
+    Decathlon's multi-modal layout); the total must equal the manifest's ``modality`` count."""
     problems: List[str] = []
     if len(cases) < min_cases:
         problems.append(f"{len(cases)} labelled case(s), need at least {min_cases}")
     n_ch = len(manifest.modalities)
-    allowed = set(manifest.labels)
     for case in cases:
         n_before = len(problems)
-        if len(case.images) != n_ch:
-            problems.append(f"{case.name}: {len(case.images)} image channel(s) but the manifest declares {n_ch} ({list(manifest.modalities)})")
         paths = list(case.images) + ([case.label] if case.label else [])
         missing = [p for p in paths if not p.exists()]
         if missing:
@@ -175,33 +217,18 @@ def validate_cases(manifest: Manifest, cases: Sequence[Case], min_cases: int = 1
         try:
             heads = [_header(p) for p in paths]
         except RuntimeError as exc:
-            problems.append(f"{case.name}: unreadable file ({str(exc).strip().splitlines()[-1]})")
+            problems.append(f"{case.name}: unreadable file ({itk_error_text(exc)})")
             continue
-        ref = heads[0]
-        for p, h in zip(paths, heads):
-            dim = h.GetDimension()
-            size = list(h.GetSize())
-            if dim == 4 and size[3] == 1:
-                size = size[:3]
-            elif dim != 3:
-                problems.append(f"{case.name}: {p.name} has {dim} dimensions (size {size}); expected 3D")
-                continue
-            ref_size = list(ref.GetSize())[:3]
-            if size != ref_size:
-                problems.append(f"{case.name}: {p.name} size {size} differs from {paths[0].name} size {ref_size}")
-                continue
-            diff = same_geometry(_info_image(ref), _info_image(h), tol=tol)
-            if diff:
-                problems.append(f"{case.name}: {p.name} geometry differs from {paths[0].name}: {diff}")
+        except ImageReadError as exc:
+            problems.append(f"{case.name}: {exc}")
+            continue
+        found = sum(_channels(h) for h in heads[: len(case.images)])
+        if found != n_ch:
+            per_file = ", ".join(f"{p.name}: {_channels(h)}" for p, h in zip(case.images, heads))
+            problems.append(f"{case.name}: {found} image channel(s) ({per_file}) but the manifest declares {n_ch} ({list(manifest.modalities)})")
+        _check_files(case, paths, heads, problems, tol)
         if case.label is not None and len(problems) == n_before:
-            lab = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label)))
-            if lab.dtype.kind == "f" and not np.all(np.mod(lab, 1) == 0):
-                problems.append(f"{case.name}: label {case.label.name} has non-integer values")
-            else:
-                values = set(np.unique(lab).astype(int).tolist())
-                bad = sorted(values - allowed)
-                if bad:
-                    problems.append(f"{case.name}: label {case.label.name} has values {bad} not declared in 'labels' {sorted(allowed)}")
+            _check_label(case, set(manifest.labels), problems)
     if problems:
         raise ManifestError(f"manifest {manifest.path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
 

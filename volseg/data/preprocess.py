@@ -27,7 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..config import Config, ConfigError
-from .io import ImageReadError, read_image
+from .io import ImageReadError, read_channels, read_label, same_geometry
 from .manifest import Case, Manifest, is_ct_modality
 
 log = logging.getLogger(__name__)
@@ -112,10 +112,13 @@ def resample(img: sitk.Image, spacing: Sequence[float], is_label: bool = False) 
         return img
     if not is_label:
         factor = np.array(spacing) / np.array(img.GetSpacing())
-        if np.any(factor > 1.5):
-            # anti-alias before downsampling: sigma (mm) ~ half the spacing increase, per axis
-            sigma = np.maximum(np.array(spacing) - np.array(img.GetSpacing()), 0) / 2
-            img = sitk.SmoothingRecursiveGaussian(img, [float(max(s, 1e-3)) for s in sigma])
+        sigma = np.maximum(np.array(spacing) - np.array(img.GetSpacing()), 0) / 2
+        for axis in np.flatnonzero(factor > 1.5):
+            # anti-alias before downsampling: sigma (mm) ~ half the spacing increase. One axis at
+            # a time: ITK's recursive Gaussian needs >= 4 voxels along every axis it smooths,
+            # and a single-slice axis (2D mode) is never downsampled in-plane.
+            if img.GetSize()[axis] >= 4:
+                img = sitk.RecursiveGaussian(img, float(sigma[axis]), False, sitk.RecursiveGaussianImageFilter.ZeroOrder, int(axis))
     interp = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
     return sitk.Resample(img, size, sitk.Transform(), interp, origin, spacing, img.GetDirection(), 0, img.GetPixelID())
 
@@ -130,8 +133,10 @@ def _array(img: sitk.Image) -> np.ndarray:
 
 
 def load_case(case: Case, with_label: bool = True) -> Tuple[List[sitk.Image], Optional[sitk.Image]]:
-    images = [read_image(p, sitk.sitkFloat32) for p in case.images]
-    label = read_image(case.label) if (with_label and case.label is not None) else None
+    """(channel images as float32, label map or None). A 4D file gives one channel per entry of
+    its 4th axis, so ``case.images`` may hold fewer paths than there are channels."""
+    images = [img for p in case.images for img in read_channels(p, sitk.sitkFloat32)]
+    label = read_label(case.label) if (with_label and case.label is not None) else None
     return images, label
 
 
@@ -221,11 +226,41 @@ def _normalise(arr: np.ndarray, norm: ChannelNorm) -> np.ndarray:
     return np.asarray(t(arr), dtype=np.float32)
 
 
+MIN_VOXELS = 4  # per axis, before and after resampling (ITK's anti-alias filter needs 4)
+MAX_VOXELS = 2**30  # per channel after resampling: 4 GiB of float32
+
+
+def _check_input(images: Sequence[sitk.Image], plan: Plan, source: str) -> None:
+    """Channel count, one shared grid, and a grid size volseg can work on (with the limits)."""
+    if len(images) != len(plan.channels):
+        raise ImageReadError(
+            f"{source}: {len(images)} channel(s) given, the model expects {len(plan.channels)} ({list(plan.channels)}); "
+            "give one file per channel, or one 4D file with the channels on its 4th axis."
+        )
+    for c, img in enumerate(images[1:], start=1):
+        diff = same_geometry(images[0], img)
+        if diff:
+            raise ImageReadError(f"{source}: channel {c} ({plan.channels[c]}) is not on the grid of channel 0 ({plan.channels[0]}): {diff}; resample the channels onto one grid first.")
+    canon = to_canonical(images[0], plan.orientation)
+    size, _, _ = _target_grid(canon, plan.spacing)
+    axes = [a for a in range(3) if not (plan.spatial_dims == 2 and a == plan.slice_axis)]
+    small = any(canon.GetSize()[a] < MIN_VOXELS or size[a] < MIN_VOXELS for a in axes)
+    if small or int(np.prod(size)) > MAX_VOXELS:
+        raise ImageReadError(
+            f"{source}: {list(canon.GetSize())} voxels of {[round(s, 4) for s in canon.GetSpacing()]} mm ({plan.orientation} order) "
+            f"resample to {size} voxels at the model's {[round(s, 4) for s in plan.spacing]} mm; volseg needs at least {MIN_VOXELS} voxels along "
+            f"each {'in-plane ' if plan.spatial_dims == 2 else ''}axis, before and after resampling, and at most {MAX_VOXELS:,} "
+            "after (check the header's spacing)."
+        )
+
+
 def preprocess(images: Sequence[sitk.Image], plan: Plan, label: Optional[sitk.Image] = None, source: str = "") -> Dict[str, np.ndarray]:
     """Replay the plan on one case. Returns ``{"image": (C,X,Y,Z) float32}`` and, with a label,
-    ``"label": (1,X,Y,Z) uint8`` class indices."""
-    if len(images) != len(plan.channels):
-        raise ImageReadError(f"{source or 'input'}: {len(images)} channel(s) given, the model expects {len(plan.channels)} ({list(plan.channels)}).")
+    ``"label": (1,X,Y,Z) uint8`` class indices. Raises :class:`ImageReadError` (naming
+    ``source``) when the channel count differs from the plan's, the channels are not on one
+    grid, or the grid has fewer than :data:`MIN_VOXELS` per axis (before or after resampling;
+    in-plane axes in 2D mode) or more than :data:`MAX_VOXELS` after."""
+    _check_input(images, plan, source or "input")
     chans = []
     for img, norm in zip(images, plan.norms):
         img = resample(to_canonical(sitk.Cast(img, sitk.sitkFloat32), plan.orientation), plan.spacing)

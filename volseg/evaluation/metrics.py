@@ -37,7 +37,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..data.io import atomic_write, case_name, is_image_path, read_image, same_geometry, write_text
+from ..data.io import ImageReadError, atomic_write, case_name, is_image_path, read_label, same_geometry, write_text
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,74 @@ def _fmt_names(names: Sequence[str], limit: int = 10) -> str:
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
+def _references(truth: Path) -> Tuple[Dict[str, Path], Dict[str, Path], bool, Optional[Dict[int, str]]]:
+    """(case -> reference file, case -> scan, restrict to predicted cases?, manifest labels)."""
+    if not _is_manifest(truth):
+        return _collect(truth, "reference"), {}, False, None
+    from ..data.manifest import load_manifest
+
+    man = load_manifest(truth)
+    cases = [c for c in man.test if c.label is not None]
+    restrict = not cases
+    if restrict:
+        cases = list(man.training)
+        log.info("%s: no labelled test cases; evaluating against its training labels.", truth)
+    return {c.name: c.label for c in cases}, {c.name: c.images[0] for c in cases}, restrict, dict(man.labels)
+
+
+def _image_paths(images: Union[Mapping[str, PathLike], PathLike]) -> Dict[str, Path]:
+    if isinstance(images, Mapping):
+        return {str(k): Path(v) for k, v in images.items()}
+    if _is_manifest(Path(images)):
+        from ..data.manifest import load_manifest
+
+        m = load_manifest(images)
+        return {c.name: c.images[0] for c in m.training + m.validation + m.test}
+    return _collect(Path(images), "image", strip=("_0000",))
+
+
+def _match(pred: Path, truth: Path, pred_cases: Dict[str, Path], truth_cases: Dict[str, Path], restrict_to_pred: bool, allow_missing: bool) -> List[str]:
+    """The case names to evaluate; see :func:`evaluate` for the rules."""
+    common = sorted(set(pred_cases) & set(truth_cases))
+    if not common:
+        raise EvaluationError(
+            f"no prediction in {pred} matches a reference case in {truth}.\n"
+            f"  predictions: {_fmt_names(list(pred_cases))}\n  references: {_fmt_names(list(truth_cases))}"
+        )
+    extra = set(pred_cases) - set(truth_cases)
+    if extra:
+        log.warning("%d prediction(s) without a reference, skipped: %s", len(extra), _fmt_names(list(extra)))
+    missing = set(truth_cases) - set(pred_cases)
+    if missing and not restrict_to_pred:
+        msg = f"{len(missing)} reference case(s) in {truth} have no prediction in {pred}: {_fmt_names(list(missing))}"
+        if not allow_missing:
+            raise EvaluationError(msg + " (pass allow_missing=True to evaluate the others).")
+        log.warning("%s; evaluating the other %d.", msg, len(common))
+    return common
+
+
+def _load_pair(pred_path: Path, truth_path: Path, name: str) -> Tuple[np.ndarray, np.ndarray, Tuple[float, ...]]:
+    """(prediction, reference, spacing) as ``[z, y, x]`` arrays and mm in that order."""
+    import SimpleITK as sitk
+
+    try:  # truncated, NaN or non-integer label maps are refused by read_label
+        p_img, t_img = read_label(pred_path), read_label(truth_path)
+    except ImageReadError as exc:
+        raise EvaluationError(f"case {name!r}: {exc}") from None
+    diff = same_geometry(p_img, t_img)
+    if diff:
+        raise EvaluationError(
+            f"prediction {pred_path} and reference {truth_path} are on different voxel grids ({diff}); "
+            "resample the prediction onto the reference grid first."
+        )
+    # sitk spacing is (x, y, z); the arrays are [z, y, x].
+    return sitk.GetArrayFromImage(p_img), sitk.GetArrayFromImage(t_img), tuple(reversed(t_img.GetSpacing()))
+
+
+def _values(*arrays: np.ndarray) -> set:
+    return set().union(*(np.unique(a).astype(int).tolist() for a in arrays))
+
+
 def evaluate(
     pred: PathLike,
     truth: PathLike,
@@ -312,71 +380,19 @@ def evaluate(
     ``nan``) and ``summary.json`` (see :func:`summarize`), both written atomically.
     """
     pred, truth = Path(pred), Path(truth)
+    truth_cases, image_paths, restrict_to_pred, man_labels = _references(truth)
     label_map = _labels_from(labels)
-    truth_cases: Dict[str, Path]
-    image_paths: Dict[str, Path] = {}
-    restrict_to_pred = False
-    if _is_manifest(truth):
-        from ..data.manifest import load_manifest
-
-        man = load_manifest(truth)
-        cases = [c for c in man.test if c.label is not None]
-        if not cases:
-            cases, restrict_to_pred = list(man.training), True
-            log.info("%s: no labelled test cases; evaluating against its training labels.", truth)
-        truth_cases = {c.name: c.label for c in cases}
-        image_paths = {c.name: c.images[0] for c in cases}
-        label_map = label_map if label_map is not None else dict(man.labels)
-    else:
-        truth_cases = _collect(truth, "reference")
+    label_map = label_map if label_map is not None else man_labels
     pred_cases = _collect(pred, "prediction", strip=("_seg",))
     if pred.is_file() and len(truth_cases) == 1 and not _is_manifest(truth):
         pred_cases = {next(iter(truth_cases)): pred}
     if images is not None:
-        if isinstance(images, Mapping):
-            image_paths.update({str(k): Path(v) for k, v in images.items()})
-        elif _is_manifest(Path(images)):
-            from ..data.manifest import load_manifest
-
-            m = load_manifest(images)
-            image_paths.update({c.name: c.images[0] for c in m.training + m.validation + m.test})
-        else:
-            image_paths.update(_collect(Path(images), "image", strip=("_0000",)))
-
-    common = sorted(set(pred_cases) & set(truth_cases))
-    if not common:
-        raise EvaluationError(
-            f"no prediction in {pred} matches a reference case in {truth}.\n"
-            f"  predictions: {_fmt_names(list(pred_cases))}\n  references: {_fmt_names(list(truth_cases))}"
-        )
-    extra = set(pred_cases) - set(truth_cases)
-    if extra:
-        log.warning("%d prediction(s) without a reference, skipped: %s", len(extra), _fmt_names(list(extra)))
-    missing = set(truth_cases) - set(pred_cases)
-    if missing and not restrict_to_pred:
-        msg = f"{len(missing)} reference case(s) in {truth} have no prediction in {pred}: {_fmt_names(list(missing))}"
-        if not allow_missing:
-            raise EvaluationError(msg + " (pass allow_missing=True to evaluate the others).")
-        log.warning("%s; evaluating the other %d.", msg, len(common))
-
-    def load(name: str) -> Tuple[np.ndarray, np.ndarray, Tuple[float, ...]]:
-        import SimpleITK as sitk
-
-        p_img, t_img = read_image(pred_cases[name]), read_image(truth_cases[name])
-        diff = same_geometry(p_img, t_img)
-        if diff:
-            raise EvaluationError(
-                f"prediction {pred_cases[name]} and reference {truth_cases[name]} are on different voxel grids ({diff}); "
-                "resample the prediction onto the reference grid first."
-            )
-        # sitk spacing is (x, y, z); the arrays are [z, y, x].
-        return sitk.GetArrayFromImage(p_img), sitk.GetArrayFromImage(t_img), tuple(reversed(t_img.GetSpacing()))
+        image_paths.update(_image_paths(images))
+    common = _match(pred, truth, pred_cases, truth_cases, restrict_to_pred, allow_missing)
+    load = lambda name: _load_pair(pred_cases[name], truth_cases[name], name)  # noqa: E731
 
     if label_map is None:
-        values: set = set()
-        for name in common:
-            p_arr, t_arr, _ = load(name)
-            values |= set(np.unique(p_arr).astype(int).tolist()) | set(np.unique(t_arr).astype(int).tolist())
+        values = set().union(*(_values(*load(name)[:2]) for name in common))
         label_map = {v: f"label_{v}" for v in sorted(values | {0})}
         log.info("labels inferred from the arrays: %s", label_map)
     if not any(v != 0 for v in label_map):
@@ -385,18 +401,13 @@ def evaluate(
     rows: List[dict] = []
     for name in common:
         p_arr, t_arr, spacing = load(name)
-        unknown = (set(np.unique(p_arr).astype(int).tolist()) | set(np.unique(t_arr).astype(int).tolist())) - set(label_map) - {0}
+        unknown = _values(p_arr, t_arr) - set(label_map) - {0}
         if unknown:
             log.warning("%s: label values %s are not in labels %s; ignored.", name, sorted(unknown), sorted(label_map))
-        for row in evaluate_case(p_arr, t_arr, spacing, label_map, tolerance_mm):
-            row.update(
-                case=name,
-                pred_path=str(pred_cases[name]),
-                truth_path=str(truth_cases[name]),
-                image_path=str(image_paths[name]) if name in image_paths else "",
-            )
-            rows.append({k: row[k] for k in CSV_COLUMNS})
-        log.info("%s: dice %s", name, ", ".join(f"{r['class']}={r['dice']:.3f}" for r in rows if r["case"] == name))
+        paths = dict(pred_path=str(pred_cases[name]), truth_path=str(truth_cases[name]), image_path=str(image_paths.get(name, "")))
+        case_rows = [{k: {**row, "case": name, **paths}[k] for k in CSV_COLUMNS} for row in evaluate_case(p_arr, t_arr, spacing, label_map, tolerance_mm)]
+        log.info("%s: dice %s", name, ", ".join(f"{r['class']}={r['dice']:.3f}" for r in case_rows))
+        rows += case_rows
 
     summary = summarize(rows, label_map, tolerance_mm)
     out_dir = None

@@ -1,13 +1,16 @@
 """Batch inference: resolve inputs to jobs, run the predictor, write masks and sidecars.
 
-A failing scan (unreadable, wrong channel count, ...) is logged with its name and the batch goes
-on; :func:`infer_many` returns the failures so the CLI can list them and exit non-zero.
+A failing scan (unreadable, wrong channel count, an output that cannot be written, ...) is
+logged with its name and the batch goes on; :func:`infer_many` returns the failures so the CLI
+can list them and exit non-zero. An output folder that can never be written (a file in its place,
+no write permission) stops the batch once, before the model is loaded.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +18,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..data.io import ImageReadError, case_name, is_image_path, read_image, write_label_like, write_text
+from ..data.io import ImageReadError, case_name, is_image_path, itk_error_text, read_channels, write_label_like, write_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Job", "collect_inputs", "infer_many"]
+__all__ = ["Job", "collect_inputs", "check_outputs", "infer_many"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,9 @@ def collect_inputs(inputs: Sequence[Union[str, Path]], output: Optional[Union[st
     """Turn CLI inputs (files, DICOM folders, folders of scans, manifests) into jobs.
 
     Output: ``<case>_seg.nii.gz`` next to each input, in the folder ``output``, or, for a
-    single input, ``output`` itself when it ends in an image suffix.
+    single input, ``output`` itself when it ends in an image suffix. In a folder, hidden names
+    (``.*``, e.g. volseg's own ``.volseg-tmp-*`` folders) and earlier outputs (``*_seg``,
+    ``*_prob``) are skipped.
     """
     from ..data.manifest import load_manifest
 
@@ -54,8 +59,9 @@ def collect_inputs(inputs: Sequence[Union[str, Path]], output: Optional[Union[st
                 raise ImageReadError(f"{p}: manifest has no 'test' cases to segment.")
             found += [(c.name, c.images) for c in man.test]
         elif p.is_dir() and not _is_dicom_dir(p):
-            scans = sorted(q for q in p.iterdir() if is_image_path(q) and not case_name(q).endswith(("_seg", "_prob")))
-            scans += sorted(q for q in p.iterdir() if q.is_dir() and _is_dicom_dir(q))
+            entries = [q for q in p.iterdir() if not q.name.startswith(".")]
+            scans = sorted(q for q in entries if is_image_path(q) and not case_name(q).endswith(("_seg", "_prob")))
+            scans += sorted(q for q in entries if q.is_dir() and _is_dicom_dir(q))
             if not scans:
                 raise ImageReadError(f"{p}: folder holds no scans (.nii, .nii.gz, .nrrd, .mha, .mhd or DICOM series).")
             found += [(case_name(q), (q,)) for q in scans]
@@ -76,6 +82,30 @@ def collect_inputs(inputs: Sequence[Union[str, Path]], output: Optional[Union[st
     if dup:
         raise ImageReadError(f"several inputs would write the same output {dup}; give them distinct names or separate --output folders.")
     return jobs
+
+
+def check_outputs(jobs: Sequence[Job]) -> None:
+    """Raise ``NotADirectoryError``/``PermissionError`` (one line naming the folder) when an
+    output folder can never be written: a file stands where it or a parent folder should be,
+    or its nearest existing folder is not writable."""
+    for folder in sorted({j.output.parent for j in jobs}):
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise NotADirectoryError(f"output {folder}: {existing} is a file, not a folder; give --output a folder (or a file name for a single input).")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"output {folder}: folder {existing} is not writable; choose another --output.")
+
+
+def _error_line(exc: BaseException) -> str:
+    """One line for a failed scan: ITK's cause without its source location, else the message."""
+    if isinstance(exc, RuntimeError) and ("ITK ERROR" in str(exc) or "SimpleITK" in str(exc)):
+        return itk_error_text(exc)
+    if isinstance(exc, OSError) and exc.filename:  # reads raise ImageReadError: this is a write
+        return f"cannot write {exc.filename2 or exc.filename}: {exc.strerror}"  # os.replace: filename2 is the target
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _write_probabilities(probs: np.ndarray, plan, reference, path: Path) -> Path:
@@ -108,6 +138,7 @@ def infer_many(
     from ..config import to_dict
     from .predictor import Predictor
 
+    check_outputs(jobs)
     pred = Predictor.from_run(model, device=device, checkpoint=checkpoint, overrides=overrides, progress=progress)
     failures: List[Tuple[Job, str]] = []
     bar = None
@@ -118,11 +149,7 @@ def infer_many(
     for job in jobs:
         t0 = time.perf_counter()
         try:
-            images = [read_image(p) for p in job.images]
-            if len(images) != len(pred.plan.channels):
-                raise ImageReadError(
-                    f"{job.images[0]}: {len(images)} channel(s), the model expects {len(pred.plan.channels)} {list(pred.plan.channels)}"
-                )
+            images = [img for p in job.images for img in read_channels(p)]  # a 4D file: its channels
             out = pred.predict(images, source=str(job.images[0]))
             write_label_like(out["labels"], job.images[0], images[0], job.output)
             prob_path = None
@@ -140,8 +167,8 @@ def infer_many(
             }
             write_text(_sidecar(job.output), json.dumps(sidecar, indent=2))
             log.info("%s -> %s (%.1fs)", job.name, job.output, time.perf_counter() - t0)
-        except (ImageReadError, ValueError, RuntimeError) as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except (ImageReadError, ValueError, RuntimeError, OSError) as exc:
+            msg = _error_line(exc)
             log.error("%s: %s", job.name, msg)
             failures.append((job, msg))
         if bar is not None:

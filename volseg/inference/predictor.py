@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..config import Config, InferConfig
+from ..config import Config, ConfigError, InferConfig
 from ..data.preprocess import Plan, preprocess, restore_labels
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,9 @@ class Predictor:
         self.plan = plan
         self.infer = infer
         self.progress = progress
+        valid = dict(zip(plan.label_values[1:], plan.label_names[1:]))
+        if set(infer.largest_component) - set(valid):
+            raise ConfigError(f"infer.largest_component={list(infer.largest_component)}: label values {sorted(set(infer.largest_component) - set(valid))} are not foreground labels of this model; valid: {valid}.")
         self.run_info: dict = {}
 
     # -- construction from a run folder ---------------------------------------------------------

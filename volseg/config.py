@@ -235,19 +235,35 @@ class TrainConfig:
 @dataclass(frozen=True)
 class InferConfig:
     """Sliding-window inference. ``largest_component``: label values to keep only the largest
-    connected component of (empty = none)."""
+    connected component of (empty = none).
+
+    Exact settings (the same result as MONAI's ``sliding_window_inference`` on the whole
+    volume): ``crop: false``, ``window_scale: 1``. Approximate speed levers, measured in
+    benchmarks/README.md: ``crop`` segments only the body's bounding box (CT: > -500 HU on the
+    raw scan, other modalities: nonzero) widened by ``crop_margin`` mm, background outside;
+    ``window_scale`` multiplies the training patch for the inference window (fewer windows;
+    a fully convolutional network gives nearly the same result); a lower ``overlap``.
+    ``threads``: torch intra-op threads (0 = torch's default)."""
 
     overlap: float = 0.5
     batch_size: int = 4
     blend: str = "gaussian"
     tta: bool = False
     largest_component: Tuple[int, ...] = ()
+    crop: bool = True
+    crop_margin: float = 10.0
+    window_scale: float = 1.0
+    threads: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:
             raise ConfigError(f"infer.overlap={self.overlap!r} must be in [0, 1).")
         _positive("infer.batch_size", self.batch_size)
         check_choice("infer.blend", self.blend, ("gaussian", "constant"))
+        _positive("infer.crop_margin", self.crop_margin, allow_zero=True)
+        if not 0.25 <= self.window_scale <= 4.0:
+            raise ConfigError(f"infer.window_scale={self.window_scale!r} must be in [0.25, 4] (times the training patch).")
+        _positive("infer.threads", self.threads, allow_zero=True)
 
 
 @dataclass(frozen=True)

@@ -315,10 +315,12 @@ def grid_coordinates(src: Grid, dst: Grid) -> List[np.ndarray]:
 
 def resample_linear(t, coords: Sequence[Optional[np.ndarray]]):
     """Separable linear interpolation of a tensor ``(..., X, Y, Z)`` at continuous voxel
-    indices ``coords`` (one 1-D array per trailing axis; None keeps an axis). Out-of-grid
-    points take the nearest edge value. On axis-aligned grids this equals SimpleITK's linear
-    resampling with nearest-neighbour extrapolation, but runs on any torch device and lets a
-    caller resample one slab at a time. Axes that shrink most go first (least work)."""
+    indices ``coords`` (one 1-D array per trailing axis; None keeps an axis). Beyond the grid
+    an axis takes its edge value. On axis-aligned grids this equals SimpleITK's linear
+    resampling inside the grid (up to half a voxel beyond the outer voxel centres; further out,
+    SimpleITK's nearest-neighbour extrapolator also rounds the other axes), but runs on any
+    torch device and lets a caller resample one slab at a time. Axes that shrink most go first
+    (least work)."""
     import torch
 
     lead = t.ndim - len(coords)

@@ -67,10 +67,18 @@ def largest_component(index: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     return out
 
 
-def window_size(plan: Plan, scale: float = 1.0) -> Tuple[int, int, int]:
-    """The 3D inference window (voxels): the training patch times ``scale`` (rounded to a
-    multiple of 8); in 2D slice mode a 1 is inserted at ``plan.slice_axis``."""
-    roi = [int(p) if scale == 1 else max(8, int(round(p * scale / 8)) * 8) for p in plan.patch_size]
+def window_size(plan: Plan, scale: float = 1.0, shape: Optional[Sequence[int]] = None) -> Tuple[int, int, int]:
+    """The 3D inference window (voxels): the training patch times ``scale``, rounded to a
+    multiple of 8 and, for ``scale > 1``, no larger than ``shape`` (the volume) where the patch
+    fits in it, because a window larger than the volume is zero-padded, and zero is not air
+    after normalisation. In 2D slice mode a 1 is inserted at ``plan.slice_axis``."""
+    axes = [a for a in range(3) if plan.spatial_dims == 3 or a != plan.slice_axis]
+    roi = []
+    for p, a in zip(plan.patch_size, axes):
+        r = int(p) if scale == 1 else max(8, int(round(p * scale / 8)) * 8)
+        if shape is not None and scale > 1:
+            r = max(int(p), min(r, int(shape[a]) // 8 * 8))
+        roi.append(r)
     if plan.spatial_dims == 2:
         roi.insert(plan.slice_axis, 1)
     return tuple(roi)
@@ -324,8 +332,13 @@ class Predictor:
         log.info("stitching buffer %.2f GiB on %s (GPU free %.2f GiB)", need / 2**30, "GPU" if fits else "CPU", free / 2**30)
         return self.device if fits else torch.device("cpu")
 
+    def _layout(self, shape: Sequence[int], box: Optional[Box]) -> Tuple[Tuple[int, int, int], Box]:
+        """The window and the box the windows cover: ``box`` (or the whole grid) widened where
+        needed to hold one window per axis."""
+        roi = window_size(self.plan, self.infer.window_scale, [b - a for a, b in box] if box else shape)
+        return roi, self._box(shape, box, roi)
+
     def _box(self, shape: Sequence[int], box: Optional[Box], roi: Sequence[int]) -> Box:
-        """``box`` (or the whole grid) widened where needed to hold one window per axis."""
         out = []
         for n, r, (a, b) in zip(shape, roi, box or [(0, n) for n in shape]):
             grow = max(0, min(r, n) - (b - a))
@@ -342,8 +355,7 @@ class Predictor:
         if x.ndim != 4:
             raise ValueError(f"expected a preprocessed (C, X, Y, Z) volume, got shape {tuple(x.shape)}")
         shape = tuple(x.shape[1:])
-        roi = window_size(self.plan, self.infer.window_scale)
-        box = self._box(shape, box, roi)
+        roi, box = self._layout(shape, box)
         (x0, x1), (y0, y1), (z0, z1) = box
         inner = x[:, x0:x1, y0:y1, z0:z1]
         buffer_device = buffer_device or self._buffer_device(inner.shape[1:], roi)
@@ -432,9 +444,8 @@ class Predictor:
 
     def _stream(self, image, box, reference, probabilities: bool, buffer_device):
         """Slabs -> :class:`ScanRestorer`; returns it and the seconds spent restoring."""
-        roi = window_size(self.plan, self.infer.window_scale)
-        box = self._box(np.shape(image)[1:], box, roi)
-        device = buffer_device or self._buffer_device([b - a for a, b in box], roi)
+        roi, inner = self._layout(np.shape(image)[1:], box)
+        device = buffer_device or self._buffer_device([b - a for a, b in inner], roi)
         restorer = ScanRestorer(self.plan, reference, probabilities=probabilities, device=device)
         restore_s = 0.0
         for slab in self.slabs(image, box, device):

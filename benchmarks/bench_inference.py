@@ -15,10 +15,11 @@ Rows (``--rows``):
   Invertd (nearest).
 * ``volseg``: ``Predictor.predict`` with the run's ``infer`` settings (the defaults) +
   ``write_label_like``.
-* ``exact``: volseg with the recipe's roi/overlap/blending and no crop (``crop=false``,
-  ``window_scale=1``, ``overlap=0.5``); then one lever at a time on top of ``exact``: ``crop``,
-  ``window`` (``window_scale=--window-scale``), ``overlap`` (0.25), ``batch1`` (window batch 1),
-  ``threads1`` (one torch thread).
+* ``exact``: volseg with the recipe's roi/overlap/blending and no crop (``crop=none``,
+  ``window_scale=1``, ``overlap=0.5``); then one lever at a time on top of ``exact``: ``skip``
+  (``crop=windows``: skip windows that miss the body box; exact inside it), ``crop``
+  (``crop=box``: tile the body box only), ``window`` (``window_scale=--window-scale``),
+  ``overlap`` (0.25), ``batch1`` (window batch 1), ``threads1`` (one torch thread).
 
 Agreement: mean foreground Dice of each row's label map against the recipe's and against
 ``exact``'s. With ``--train-steps N`` the network is first trained briefly on synthetic CT
@@ -45,13 +46,14 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-EXACT = {"crop": False, "window_scale": 1.0, "overlap": 0.5}
+EXACT = {"crop": "none", "window_scale": 1.0, "overlap": 0.5}
 ROWS = {
     "monai": None,
     "monai_lowmem": None,
     "volseg": {},
     "exact": EXACT,
-    "crop": {**EXACT, "crop": True},
+    "skip": {**EXACT, "crop": "windows"},
+    "crop": {**EXACT, "crop": "box"},
     "window": {**EXACT, "window_scale": "WINDOW"},
     "overlap": {**EXACT, "overlap": 0.25},
     "batch1": {**EXACT, "batch_size": 1},
@@ -74,6 +76,17 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024**2 if sys.platform == "darwin" else 1024)
 
 
+def _rss_mib() -> float:
+    """Current RSS (MiB), Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def _sync(device) -> None:
     import torch
 
@@ -91,6 +104,7 @@ def _recipe(job: dict, lowmem: bool) -> dict:
 
     pred = Predictor.from_run(job["run"], device=job["device"])
     plan, model, device = pred.plan, pred.model, pred.device
+    rss0 = _rss_mib()
     n = plan.norms[0]
     norm = (ScaleIntensityRanged("image", n.lo, n.hi, (n.lo - n.mean) / n.std, (n.hi - n.mean) / n.std, clip=True) if n.scheme == "ct"
             else NormalizeIntensityd("image", nonzero=True))
@@ -121,7 +135,7 @@ def _recipe(job: dict, lowmem: bool) -> dict:
     data = post(data)
     t3 = time.perf_counter()
     out = sorted(Path(job["out_dir"]).glob("*_seg.nii.gz"))
-    return {"time_s": t3 - t0, "stages_s": {"preprocess": t1 - t0, "network": t2 - t1, "restore": t3 - t2}, "output": str(out[0])}
+    return {"time_s": t3 - t0, "stages_s": {"preprocess": t1 - t0, "network": t2 - t1, "restore": t3 - t2}, "output": str(out[0]), "rss_before_mib": rss0}
 
 
 def _volseg(job: dict) -> dict:
@@ -129,6 +143,7 @@ def _volseg(job: dict) -> dict:
     from volseg.inference.predictor import Predictor
 
     pred = Predictor.from_run(job["run"], device=job["device"], overrides=job["overrides"])
+    rss0 = _rss_mib()
     out_path = Path(job["out_dir"]) / "volseg_seg.nii.gz"
     t0 = time.perf_counter()
     images = [read_image(job["image"])]
@@ -138,7 +153,7 @@ def _volseg(job: dict) -> dict:
     t1 = time.perf_counter()
     tm = out["timing"]
     stages = {"preprocess": t1 - t0 - tm["network_s"] - tm["restore_s"], "network": tm["network_s"], "restore": tm["restore_s"]}
-    return {"time_s": t1 - t0, "stages_s": stages, "output": str(out_path), "box": out["box"]}
+    return {"time_s": t1 - t0, "stages_s": stages, "output": str(out_path), "box": out["box"], "rss_before_mib": rss0}
 
 
 def _run_worker(row: str, job_path: str) -> None:
@@ -299,7 +314,7 @@ def run_rows(args, run: Path, image: Path, tmp: Path) -> Dict[str, dict]:
 
 def print_table(results: Dict[str, dict], device: str) -> None:
     base = results.get("monai", {}).get("time_s")
-    cols = ["row", "wall s", "monai/row", "pre s", "net s", "restore s", "peak RSS MiB", "Dice vs monai", "Dice vs exact"]
+    cols = ["row", "wall s", "monai/row", "pre s", "net s", "restore s", "peak RSS MiB", "RSS before MiB", "Dice vs monai", "Dice vs exact"]
     if device == "cuda":
         cols.append("CUDA peak MiB")
     print("| " + " | ".join(cols) + " |")
@@ -310,7 +325,7 @@ def print_table(results: Dict[str, dict], device: str) -> None:
             continue
         st = r["stages_s"]
         cells = [row, f"{r['time_s']:.1f}", f"{base / r['time_s']:.2f}x" if base else "-", f"{st['preprocess']:.1f}", f"{st['network']:.1f}",
-                 f"{st['restore']:.1f}", f"{r['peak_rss_mib']:.0f}", f"{r.get('dice_vs_monai', float('nan')):.4f}",
+                 f"{st['restore']:.1f}", f"{r['peak_rss_mib']:.0f}", f"{r.get('rss_before_mib', float('nan')):.0f}", f"{r.get('dice_vs_monai', float('nan')):.4f}",
                  f"{r.get('dice_vs_exact', float('nan')):.4f}"]
         if device == "cuda":
             cells.append(f"{r.get('cuda_peak_mib', float('nan')):.0f}")

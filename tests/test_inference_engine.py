@@ -37,7 +37,7 @@ def test_rolling_engine_equals_monai_whole_volume(dims, slice_axis, shape):
     k = 4
     patch = (16, 16, 8) if dims == 3 else (12, 10)
     plan = _plan(k, dims, patch, slice_axis)
-    pred = Predictor(_net(dims, k), plan, InferConfig(overlap=0.5, batch_size=3, crop=False), "cpu")
+    pred = Predictor(_net(dims, k), plan, InferConfig(overlap=0.5, batch_size=3, crop="none"), "cpu")
     x = torch.randn(1, *shape)
     ours = pred.probabilities(x.numpy()).astype(np.float32)
     with torch.no_grad():
@@ -57,7 +57,7 @@ def test_each_window_is_computed_once():
     plan = _plan(3, 3, (16, 16, 8))
     calls = []
     net = _net(3, 3)
-    pred = Predictor(net, plan, InferConfig(overlap=0.5, batch_size=1, crop=False), "cpu")
+    pred = Predictor(net, plan, InferConfig(overlap=0.5, batch_size=1, crop="none"), "cpu")
     x = torch.randn(1, 16, 16, 40)
     list(rolling_windows(x, lambda w: calls.append(1) or pred._net(w), (16, 16, 8), 0.5, "gaussian", 1, 3, "cpu", "cpu"))
     assert len(calls) == 9  # z starts 0, 4, ..., 32: (40 - 8) / 4 + 1
@@ -149,17 +149,41 @@ def test_crop_keeps_background_outside_and_labels_inside():
     body[..., :-1] = pre[0, ..., :-1] > -1.0
     assert body[max(x0 - 1, 0) : x1 + 1, max(y0 - 1, 0) : y1 + 1, max(z0 - 1, 0) : z1 + 1].sum() == body.sum() > 0
     assert (x1 - x0) * (y1 - y0) * (z1 - z0) < 0.5 * body.size
-    torch.manual_seed(0)
-    pointwise = torch.nn.Conv3d(1, 3, 1)  # a voxel's output does not depend on its window
-    out = Predictor(pointwise, plan, InferConfig(crop=True, crop_margin=0.0), "cpu").predict([img])
+    # windows that miss the box are skipped: inside it the probabilities are those of the whole
+    # volume (every window covering a voxel in the box is kept); outside it, background
+    pred = Predictor(_net(3, 3), plan, InferConfig(crop="windows", crop_margin=0.0, overlap=0.5), "cpu")
+    whole = pred.probabilities(pre).astype(np.float32)
+    cropped = pred.probabilities(pre, box).astype(np.float32)
+    inside = (slice(None), slice(x0, x1), slice(y0, y1), slice(z0, z1))
+    assert np.abs(cropped[inside] - whole[inside]).max() < 1e-3
+    outside = np.ones(pre.shape[1:], bool)
+    outside[inside[1:]] = False
+    assert (cropped[0][outside] == 1).all() and (cropped[1:, outside] == 0).all()
+    assert not np.allclose(whole[0][outside], 1)  # the network does see something in the air
+    calls = []
+    net = pred._net
+    pred._net = lambda w: calls.append(len(w)) or net(w)
+    pred.probabilities(pre, box)
+    n_box = sum(calls)
+    calls.clear()
+    pred.probabilities(pre)
+    assert n_box <= sum(calls)  # as many or fewer windows: only those that miss the box are skipped
+    tiled = Predictor(pred.model, plan, InferConfig(crop="box", crop_margin=0.0), "cpu")
+    calls.clear()
+    tiled._net = lambda w: calls.append(len(w)) or net(w)
+    approx = tiled.probabilities(pre, box).astype(np.float32)
+    assert sum(calls) < n_box  # the box alone is tiled: fewer windows
+    assert (approx[0][outside] == 1).all() and np.abs(approx[inside] - whole[inside]).mean() < 0.05
+    # through predict(): the same box from the raw scan, label maps on the scan grid
+    out = pred.predict([img])
     assert out["box"] == box
-    full = Predictor(pointwise, plan, InferConfig(crop=False), "cpu").predict([img])["labels"]
+    full = Predictor(_net(3, 3), plan, InferConfig(crop="none"), "cpu").predict([img])["labels"]
     tissue = sitk.GetArrayViewFromImage(img) > -500
     lab = out["labels"]
     assert lab.shape == full.shape and lab.dtype == np.uint8
     assert (lab[:2] == 0).all() and (lab[:, :5] == 0).all()  # air slices and rows: background
-    assert np.array_equal(lab[tissue], full[tissue]) and (full[:2] != 0).any()
-    assert Predictor(_net(3, 3), plan, InferConfig(crop=True), "cpu").predict([sitk.Image(img) * 0 - 1000])["box"] is None
+    assert np.mean(lab[tissue] == full[tissue]) > 0.99  # tissue at the box edge can differ by interpolation
+    assert Predictor(_net(3, 3), plan, InferConfig(crop="windows"), "cpu").predict([sitk.Image(img) * 0 - 1000])["box"] is None
 
 
 def test_memory_is_bounded_by_plan_memory_not_classes_times_volume(tmp_path):
@@ -177,7 +201,7 @@ plan = Plan(spacing=(1.0, 1.0, 1.0), orientation="RAS", channels=("CT",), norms=
             label_values=tuple(range(k)), label_names=tuple(map(str, range(k))), spatial_dims=3, patch_size=(32, 32, 8), slice_axis=2)
 img = sitk.GetImageFromArray(np.zeros((160, 160, 160), np.int16))
 net = torch.nn.Conv3d(1, k, 1)
-pred = Predictor(net, plan, InferConfig(crop=False, overlap=0.0, batch_size=2), "cpu")
+pred = Predictor(net, plan, InferConfig(crop="none", overlap=0.0, batch_size=2), "cpu")
 pred.predict([sitk.GetImageFromArray(np.zeros((20, 40, 40), np.int16))])  # warm-up: lazy imports, allocator
 import gc; gc.collect()
 before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
@@ -220,7 +244,7 @@ def test_torch_preprocessing_matches_simpleitk(spacing, norm):
 
 def test_cuda_out_of_memory_retries_on_the_cpu(monkeypatch, caplog):
     plan = _plan(3)
-    pred = Predictor(_net(3, 3), plan, InferConfig(crop=False), "cpu")
+    pred = Predictor(_net(3, 3), plan, InferConfig(crop="none"), "cpu")
     real = Predictor._stream
     seen = []
 
@@ -263,7 +287,7 @@ def test_cuda_rolling_engine_equals_monai():
     from monai.inferers import sliding_window_inference
 
     plan = _plan(3, patch=(16, 16, 8))
-    pred = Predictor(_net(3, 3), plan, InferConfig(crop=False), "cuda")
+    pred = Predictor(_net(3, 3), plan, InferConfig(crop="none"), "cuda")
     x = torch.randn(1, 30, 20, 41)
     ours = pred.probabilities(x.numpy()).astype(np.float32)
     with torch.no_grad():

@@ -110,17 +110,34 @@ def _windows(size: Sequence[int], roi: Sequence[int], overlap: float) -> np.ndar
     return starts[np.argsort(starts[:, 2], kind="stable")]
 
 
-def rolling_windows(x, net, roi: Sequence[int], overlap: float, blend: str, batch_size: int, out_channels: int, device, buffer_device) -> Iterator[Tuple[int, int, list]]:
+def _kept_windows(size: Sequence[int], roi: Sequence[int], overlap: float, keep: Optional[Box]) -> np.ndarray:
+    """MONAI's windows over ``size`` (padded volume), minus those that miss the box ``keep``."""
+    starts = _windows(size, roi, overlap)
+    if keep is not None:
+        hit = np.ones(len(starts), bool)
+        for a, (lo, hi) in enumerate(keep):
+            hit &= (starts[:, a] < hi) & (starts[:, a] + roi[a] > lo)
+        starts = starts[hit]
+    return starts
+
+
+def rolling_windows(x, net, roi: Sequence[int], overlap: float, blend: str, batch_size: int, out_channels: int, device, buffer_device,
+                    keep: Optional[Box] = None, binary: bool = False) -> Iterator[Tuple[int, int, list, Box]]:
     """Sliding-window inference over ``x`` ``(C, X, Y, Z)`` that yields the result slab by slab.
 
-    Yields ``(z0, z1, parts)``: ``parts`` are views ``(K, X, Y, d)`` of the normalised
-    probabilities that together cover ``[z0, z1)`` in order; they are overwritten once the
-    generator resumes, so copy what must be kept. Equals ``sliding_window_inference(x[None],
-    roi, batch_size, net, overlap, blend)`` (window placement, zero padding of a volume smaller
-    than ``roi``, importance map, weighted mean) up to float rounding, but each window is
-    computed once and the float32 buffer is ``(K, X, Y, roi_z)`` plus its weight sum: MONAI's
+    Yields ``(z0, z1, parts, xy)``: ``parts`` are views ``(K, x1 - x0, y1 - y0, d)`` of the
+    normalised probabilities on the ``xy = ((x0, x1), (y0, y1))`` range that together cover
+    ``[z0, z1)`` in order (no parts: all background); they are overwritten once the generator
+    resumes, so copy what must be kept. Equals ``sliding_window_inference(x[None], roi,
+    batch_size, net, overlap, blend)`` (window placement, zero padding of a volume smaller than
+    ``roi``, importance map, weighted mean) up to float rounding, but each window is computed
+    once and the float32 buffer is ``(K, x, y, roi_z)`` plus its weight sum: MONAI's
     ``buffer_steps`` also computes each window once but still allocates the whole
     ``(K, X, Y, Z)`` float32 output, which is what breaks memory at 100+ classes.
+
+    ``keep``: a box (voxel ranges of ``x``); windows that miss it are skipped. Every voxel
+    inside the box keeps all its windows, so the result there is unchanged; voxels no window
+    covers are background (class 0 probability 1; a binary plan's foreground 0).
     """
     import torch
     import torch.nn.functional as F
@@ -131,15 +148,31 @@ def rolling_windows(x, net, roi: Sequence[int], overlap: float, blend: str, batc
     pad = [max(r - n, 0) for r, n in zip(roi, size)]
     if any(pad):
         x = F.pad(x, [v for i in (2, 1, 0) for v in (before[i], pad[i] - before[i])])
-    X, Y, Z = x.shape[1:]
-    starts = _windows((X, Y, Z), roi, overlap)
+    keep_p = None if keep is None else [(a + b, c + b) for (a, c), b in zip(keep, before)]
+    starts = _kept_windows(x.shape[1:], roi, overlap, keep_p)
+    Z, depth = x.shape[3], roi[2]
+    if not len(starts):
+        yield 0, size[2], [], ((0, size[0]), (0, size[1]))
+        return
+    # the ring covers the kept windows' x/y extent only
+    lo = [int(starts[:, a].min()) for a in (0, 1)]
+    hi = [int(starts[:, a].max()) + roi[a] for a in (0, 1)]
     weight = compute_importance_map(tuple(roi), mode=blend, device=device)
     weight_buf = weight.to(buffer_device)
-    depth = roi[2]
-    acc = torch.zeros((out_channels, X, Y, depth), device=buffer_device)
-    wsum = torch.zeros((X, Y, depth), device=buffer_device)
+    acc = torch.zeros((out_channels, hi[0] - lo[0], hi[1] - lo[1], depth), device=buffer_device)
+    wsum = torch.zeros((hi[0] - lo[0], hi[1] - lo[1], depth), device=buffer_device)
+    # what lies in the original volume: padded [lo, hi) ∩ [before, before + size)
+    inner = [(max(lo[a], before[a]), min(hi[a], before[a] + size[a])) for a in (0, 1)]
+    xy = tuple((a - before[i], b - before[i]) for i, (a, b) in enumerate(inner))
+    view = (slice(None),) + tuple(slice(a - lo[i], b - lo[i]) for i, (a, b) in enumerate(inner))
+
+    def clip(a, b):  # padded z range -> original, or None
+        a, b = max(a, before[2]), min(b, before[2] + size[2])
+        return (a - before[2], b - before[2]) if a < b else None
+
     rows = sorted(set(starts[:, 2].tolist()))
-    crop_xy = (slice(None), slice(before[0], before[0] + size[0]), slice(before[1], before[1] + size[1]))
+    if rows[0] > 0 and clip(0, rows[0]):
+        yield (*clip(0, rows[0]), [], xy)
     for j, z in enumerate(rows):
         row = starts[starts[:, 2] == z]
         for b in range(0, len(row), batch_size):
@@ -147,55 +180,90 @@ def rolling_windows(x, net, roi: Sequence[int], overlap: float, blend: str, batc
             win = torch.stack([x[:, sx : sx + roi[0], sy : sy + roi[1], z : z + depth] for sx, sy, _ in chunk]).to(device)
             probs = (net(win) * weight).to(buffer_device)
             for (sx, sy, _), p in zip(chunk, probs):
+                at = (slice(sx - lo[0], sx - lo[0] + roi[0]), slice(sy - lo[1], sy - lo[1] + roi[1]))
                 for g, r in _ring(z, z + depth, depth):
                     src = slice(g - z, g - z + r.stop - r.start)
-                    acc[:, sx : sx + roi[0], sy : sy + roi[1], r] += p[..., src]
-                    wsum[sx : sx + roi[0], sy : sy + roi[1], r] += weight_buf[..., src]
+                    acc[(slice(None),) + at + (r,)] += p[..., src]
+                    wsum[at + (r,)] += weight_buf[..., src]
             del win, probs
-        end = rows[j + 1] if j + 1 < len(rows) else Z
-        pieces = _ring(z, end, depth)
-        for _, r in pieces:
-            acc[..., r] /= wsum[..., r]
-        lo, hi = max(z, before[2]), min(end, before[2] + size[2])
-        if lo < hi:
-            parts = []
-            for g, r in pieces:
-                a, b = max(g, lo), min(g + r.stop - r.start, hi)
-                if a < b:
-                    parts.append(acc[crop_xy + (slice(r.start + a - g, r.start + b - g),)])
-            yield lo - before[2], hi - before[2], parts
-        for _, r in pieces:
-            acc[..., r] = 0
-            wsum[..., r] = 0
+        nxt = rows[j + 1] if j + 1 < len(rows) else Z
+        yield from _emit(acc, wsum, z, min(nxt, z + depth), depth, before[2], before[2] + size[2], view, xy, binary)
+        if nxt > z + depth and clip(z + depth, nxt):  # skipped rows: nothing computed there
+            yield (*clip(z + depth, nxt), [], xy)
+
+
+def _emit(acc, wsum, a: int, b: int, depth: int, zoff: int, zmax: int, view, xy, binary: bool):
+    """Normalise the ring slices of padded z range ``[a, b)``, yield the part inside the volume
+    (padded ``[zoff, zmax)``) as original z, then clear them for the next windows. Voxels
+    without a window become background."""
+    pieces = _ring(a, b, depth)
+    for _, r in pieces:
+        empty = wsum[..., r] == 0
+        acc[..., r] /= wsum[..., r].clamp_min(1e-20)
+        if not binary and bool(empty.any()):
+            acc[0, ..., r][empty] = 1.0
+    lo, hi = max(a, zoff), min(b, zmax)
+    if lo < hi:
+        parts = []
+        for g, r in pieces:
+            s, e = max(g, lo), min(g + r.stop - r.start, hi)
+            if s < e:
+                parts.append(acc[view + (slice(r.start + s - g, r.start + e - g),)])
+        yield lo - zoff, hi - zoff, parts, xy
+    for _, r in pieces:
+        acc[..., r] = 0
+        wsum[..., r] = 0
 
 
 @dataclass
 class Slab:
     """Probabilities of preprocessed slices ``[z0, z1)``: ``parts`` (see :func:`rolling_windows`)
-    cover the crop ``box`` (x, y ranges); outside it, and everywhere when ``parts`` is empty,
-    the voxel is background (class 0 probability 1; a binary plan's foreground 0)."""
+    cover the x/y ranges ``xy``; outside them, outside the body box ``keep`` (when given) and
+    everywhere when ``parts`` is empty, the voxel is background (class 0 probability 1; a
+    binary plan's foreground 0)."""
 
     z0: int
     z1: int
     parts: list
-    box: Box
+    xy: Box
     shape: Tuple[int, int]
     binary: bool
     device: object = "cpu"
+    keep: Optional[Box] = None
 
     def channel(self, c: int):
         """Class ``c`` as a float32 tensor ``(X, Y, z1 - z0)`` on the whole preprocessed x/y grid."""
         import torch
 
-        (x0, x1), (y0, y1) = self.box[:2]
+        bg = float(c == 0 and not self.binary)
         device = self.parts[0].device if self.parts else self.device
         inner = torch.cat([p[c] for p in self.parts], -1) if self.parts else None
-        if inner is not None and (x0, x1, y0, y1) == (0, self.shape[0], 0, self.shape[1]):
+        (x0, x1), (y0, y1) = self.xy
+        if inner is not None and self.keep is None and (x0, x1, y0, y1) == (0, self.shape[0], 0, self.shape[1]):
             return inner
-        out = torch.full((*self.shape, self.z1 - self.z0), float(c == 0 and not self.binary), device=device)
+        out = torch.full((*self.shape, self.z1 - self.z0), bg, device=device)
         if inner is not None:
             out[x0:x1, y0:y1] = inner
+        if self.keep is not None:
+            (a0, a1), (b0, b1), (c0, c1) = self.keep
+            for sl in ((slice(None, a0),), (slice(a1, None),), (slice(None), slice(None, b0)), (slice(None), slice(b1, None)),
+                       (Ellipsis, slice(None, max(0, c0 - self.z0))), (Ellipsis, slice(max(0, c1 - self.z0), None))):
+                out[sl] = bg
         return out
+
+    def index(self):
+        """Class indices ``(X, Y, z1 - z0)`` uint8 (argmax; a binary plan: probability > 0.5)."""
+        import torch
+
+        if self.binary:
+            return (self.channel(0) > 0.5).to(torch.uint8)
+        best = self.channel(0).clone()
+        index = torch.zeros(best.shape, dtype=torch.uint8, device=best.device)
+        for c in range(1, len(self.parts[0]) if self.parts else 1):
+            p = self.channel(c)
+            index[p > best] = c
+            torch.maximum(best, p, out=best)
+        return index
 
 
 def plan_memory(scan_shape: Sequence[int], scan_spacing: Sequence[float], plan_spacing: Sequence[float], out_channels: int, roi: Sequence[int],
@@ -230,6 +298,16 @@ def plan_memory(scan_shape: Sequence[int], scan_spacing: Sequence[float], plan_s
     }
     parts["total"] = sum(parts.values())
     return parts
+
+
+def _widen(shape: Sequence[int], box: Box, roi: Sequence[int]) -> Box:
+    """``box`` widened (within the volume) to at least one window per axis: a window larger
+    than the volume it tiles is zero-padded, and zero is not air after normalisation."""
+    out = []
+    for n, r, (a, b) in zip(shape, roi, box):
+        a = max(0, a - (max(0, min(r, n) - (b - a)) + 1) // 2)
+        out.append((a, min(n, max(b, a + min(r, n)))))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,42 +410,34 @@ class Predictor:
         log.info("stitching buffer %.2f GiB on %s (GPU free %.2f GiB)", need / 2**30, "GPU" if fits else "CPU", free / 2**30)
         return self.device if fits else torch.device("cpu")
 
-    def _layout(self, shape: Sequence[int], box: Optional[Box]) -> Tuple[Tuple[int, int, int], Box]:
-        """The window and the box the windows cover: ``box`` (or the whole grid) widened where
-        needed to hold one window per axis."""
-        roi = window_size(self.plan, self.infer.window_scale, [b - a for a, b in box] if box else shape)
-        return roi, self._box(shape, box, roi)
-
-    def _box(self, shape: Sequence[int], box: Optional[Box], roi: Sequence[int]) -> Box:
-        out = []
-        for n, r, (a, b) in zip(shape, roi, box or [(0, n) for n in shape]):
-            grow = max(0, min(r, n) - (b - a))
-            a = max(0, a - (grow + 1) // 2)
-            out.append((a, min(n, max(b, a + min(r, n)))))
-        return tuple(out)
-
     def slabs(self, image, box: Optional[Box] = None, buffer_device=None) -> Iterator[Slab]:
-        """Preprocessed ``(C, X, Y, Z)`` -> :class:`Slab` s covering z in order; windows run
-        only inside ``box`` (background outside). Consume each slab before asking for the next."""
+        """Preprocessed ``(C, X, Y, Z)`` -> :class:`Slab` s covering z in order; background
+        outside ``box`` (a body box). ``infer.crop``: ``windows`` skips the windows that miss the
+        box (inside it the result is unchanged); ``box`` tiles only the box (widened to one
+        window where needed), fewer windows but placed differently: approximate. Consume each
+        slab before asking for the next."""
         import torch
 
         x = image.float() if torch.is_tensor(image) else torch.as_tensor(np.asarray(image), dtype=torch.float32)
         if x.ndim != 4:
             raise ValueError(f"expected a preprocessed (C, X, Y, Z) volume, got shape {tuple(x.shape)}")
         shape = tuple(x.shape[1:])
-        roi, box = self._layout(shape, box)
-        (x0, x1), (y0, y1), (z0, z1) = box
-        inner = x[:, x0:x1, y0:y1, z0:z1]
-        buffer_device = buffer_device or self._buffer_device(inner.shape[1:], roi)
-        make = lambda a, b, parts: Slab(a, b, parts, box, shape[:2], self.plan.binary, buffer_device)  # noqa: E731
+        tile = box if box is not None and self.infer.crop == "box" else None
+        if tile is not None:
+            tile = _widen(shape, tile, window_size(self.plan, self.infer.window_scale, [b - a for a, b in tile]))
+            x = x[:, tile[0][0] : tile[0][1], tile[1][0] : tile[1][1], tile[2][0] : tile[2][1]]
+        off = [a for a, _ in tile] if tile else [0, 0, 0]
+        roi = window_size(self.plan, self.infer.window_scale, tuple(x.shape[1:]))
+        buffer_device = buffer_device or self._buffer_device(x.shape[1:], roi)
+        make = lambda z0, z1, parts, xy: Slab(z0, z1, parts, xy, shape[:2], self.plan.binary, buffer_device, box)  # noqa: E731
         with torch.inference_mode():
-            if z0 > 0:
-                yield make(0, z0, [])
-            for a, b, parts in rolling_windows(inner, self._net, roi, self.infer.overlap, self.infer.blend, self.infer.batch_size,
-                                               self.plan.out_channels, self.device, buffer_device):
-                yield make(z0 + a, z0 + b, parts)
-            if z1 < shape[2]:
-                yield make(z1, shape[2], [])
+            if off[2] > 0:
+                yield make(0, off[2], [], ((0, 1), (0, 1)))
+            for z0, z1, parts, xy in rolling_windows(x, self._net, roi, self.infer.overlap, self.infer.blend, self.infer.batch_size,
+                                                     self.plan.out_channels, self.device, buffer_device, None if tile else box, self.plan.binary):
+                yield make(z0 + off[2], z1 + off[2], parts, tuple((a + o, b + o) for (a, b), o in zip(xy, off)))
+            if off[2] + x.shape[3] < shape[2]:
+                yield make(off[2] + x.shape[3], shape[2], [], ((0, 1), (0, 1)))
 
     # -- public -------------------------------------------------------------------------------
     def probabilities(self, image, box: Optional[Box] = None) -> "np.ndarray":
@@ -391,12 +461,7 @@ class Predictor:
         shape = tuple(np.shape(image))[1:]
         index = np.zeros(shape, np.uint8)
         for slab in self.slabs(image, box):
-            if not slab.parts:
-                continue
-            p = torch.cat(slab.parts, -1)
-            idx = (p[0] > 0.5) if self.plan.binary else p.argmax(0)
-            (x0, x1), (y0, y1) = slab.box[:2]
-            index[x0:x1, y0:y1, slab.z0 : slab.z1] = idx.to("cpu", torch.uint8).numpy()
+            index[..., slab.z0 : slab.z1] = slab.index().cpu().numpy()
         return self._postprocess(index)
 
     def _postprocess(self, index: np.ndarray) -> np.ndarray:
@@ -438,7 +503,7 @@ class Predictor:
         return out
 
     def _crop(self, images: Sequence, source: str) -> Optional[Box]:
-        if not self.infer.crop:
+        if self.infer.crop == "none":
             return None
         box = foreground_box(images, self.plan, self.infer.crop_margin)
         if box is None:
@@ -447,8 +512,8 @@ class Predictor:
 
     def _stream(self, image, box, reference, probabilities: bool, buffer_device):
         """Slabs -> :class:`ScanRestorer`; returns it and the seconds spent restoring."""
-        roi, inner = self._layout(np.shape(image)[1:], box)
-        device = buffer_device or self._buffer_device([b - a for a, b in inner], roi)
+        shape = tuple(np.shape(image))[1:]
+        device = buffer_device or self._buffer_device(shape, window_size(self.plan, self.infer.window_scale, shape))  # an upper bound
         restorer = ScanRestorer(self.plan, reference, probabilities=probabilities, device=device)
         restore_s = 0.0
         for slab in self.slabs(image, box, device):

@@ -17,6 +17,7 @@ set -u
 SMALL=0
 [ "${1:-}" = "--small" ] && SMALL=1
 PY="${PYTHON:-python3}"
+THREADS="${THREADS:-0}"   # torch threads per benchmark run; 0 = torch's default (use 1 on a shared CPU)
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -32,6 +33,7 @@ fi
 step() { echo "== $1 ($(date -u +%T))" | tee -a "$OUT/summary.txt"; }
 
 step "0 environment"
+git log -1 --format="commit %h %s" 2>/dev/null | tee -a "$OUT/summary.txt"
 { nvidia-smi || true; "$PY" - <<'EOF'
 import importlib, platform, sys
 print("python", platform.python_version())
@@ -52,14 +54,14 @@ timeout "$T1" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_inferenc
 echo "exit $?: $(tail -n 1 "$OUT/pytest_cuda.txt")" | tee -a "$OUT/summary.txt"
 
 step "2 speed, goal size"
-timeout "$T2" "$PY" "$BENCH" --device "$DEV" $SPEED --rows monai exact volseg window --repeat "$REP" --json "$OUT/speed.json" > "$OUT/speed.txt" 2>&1
+timeout "$T2" "$PY" "$BENCH" --device "$DEV" --threads "$THREADS" $SPEED --rows monai exact volseg window --repeat "$REP" --json "$OUT/speed.json" > "$OUT/speed.txt" 2>&1
 echo "exit $?" | tee -a "$OUT/summary.txt"; grep -E "^\||lower bound" "$OUT/speed.txt" | tee -a "$OUT/summary.txt"
 
 step "3 memory, 512x512x300 x 14 classes"
-timeout "$T3" "$PY" "$BENCH" --device "$DEV" $MEM --classes 14 --rows volseg monai monai_lowmem --repeat 1 --json "$OUT/memory.json" > "$OUT/memory.txt" 2>&1
+timeout "$T3" "$PY" "$BENCH" --device "$DEV" --threads "$THREADS" $MEM --classes 14 --rows volseg monai monai_lowmem --repeat 1 --json "$OUT/memory.json" > "$OUT/memory.txt" 2>&1
 echo "exit $?" | tee -a "$OUT/summary.txt"; grep -E "^\||lower bound" "$OUT/memory.txt" | tee -a "$OUT/summary.txt"
 
 step "4 agreement, briefly trained model"
-timeout "$T4" "$PY" "$BENCH" --device "$DEV" $TRAIN --rows monai exact volseg crop window overlap --repeat 1 --json "$OUT/trained.json" > "$OUT/trained.txt" 2>&1
+timeout "$T4" "$PY" "$BENCH" --device "$DEV" --threads "$THREADS" $TRAIN --rows monai exact volseg crop window overlap --repeat 1 --json "$OUT/trained.json" > "$OUT/trained.txt" 2>&1
 echo "exit $?" | tee -a "$OUT/summary.txt"; grep -E "^\||lower bound" "$OUT/trained.txt" | tee -a "$OUT/summary.txt"
 step "done"

@@ -36,6 +36,16 @@ __all__ = ["Predictor", "resolve_device", "largest_component", "rolling_windows"
 
 Box = Tuple[Tuple[int, int], ...]  # half-open (start, stop) per axis of the preprocessed grid
 
+# bytes of one batch of window probabilities (B, K, *roi) float32 beyond which the batch shrinks:
+# with 100+ classes one 96^3 window alone holds 0.4 GB (and the logits as much again)
+WINDOW_BATCH_BYTES = 512 * 1024**2
+
+
+def window_batch(batch_size: int, out_channels: int, roi: Sequence[int]) -> int:
+    """Windows per network call: ``batch_size``, fewer where the batch's float32 probabilities
+    would exceed :data:`WINDOW_BATCH_BYTES` (at least one)."""
+    return max(1, min(batch_size, int(WINDOW_BATCH_BYTES // (out_channels * float(np.prod(roi)) * 4))))
+
 
 def resolve_device(device: str = "auto"):
     import torch
@@ -178,7 +188,7 @@ def rolling_windows(x, net, roi: Sequence[int], overlap: float, blend: str, batc
         for b in range(0, len(row), batch_size):
             chunk = row[b : b + batch_size]
             win = torch.stack([x[:, sx : sx + roi[0], sy : sy + roi[1], z : z + depth] for sx, sy, _ in chunk]).to(device)
-            probs = (net(win) * weight).to(buffer_device)
+            probs = net(win).mul_(weight).to(buffer_device)
             for (sx, sy, _), p in zip(chunk, probs):
                 at = (slice(sx - lo[0], sx - lo[0] + roi[0]), slice(sy - lo[1], sy - lo[1] + roi[1]))
                 for g, r in _ring(z, z + depth, depth):
@@ -261,7 +271,7 @@ class Slab:
         index = torch.zeros(best.shape, dtype=torch.uint8, device=best.device)
         for c in range(1, len(self.parts[0]) if self.parts else 1):
             p = self.channel(c)
-            index[p > best] = c
+            index.masked_fill_(p > best, c)
             torch.maximum(best, p, out=best)
         return index
 
@@ -277,7 +287,8 @@ def plan_memory(scan_shape: Sequence[int], scan_spacing: Sequence[float], plan_s
     * ``image``: the preprocessed ``(C, X, Y, Z)`` float32 volume
     * ``ring``: the stitching buffer ``(K, x, y, roi_z)`` float32 and its weight sum: one
       window deep along z, whatever the volume's depth
-    * ``windows``: one batch of window probabilities ``(B, K, *roi)`` float32 and its weighted copy
+    * ``windows``: one batch of window logits and probabilities ``(B, K, *roi)`` float32, B from
+      :func:`window_batch`
     * ``restore``: one class of one slab on the scan grid (source, interpolated, running max,
       float32) and the slab's last slice of every class
     * ``probabilities``: ``(K, z, y, x)`` uint8 on the scan grid, only when asked for
@@ -292,7 +303,7 @@ def plan_memory(scan_shape: Sequence[int], scan_spacing: Sequence[float], plan_s
         "scan": scan * 5,
         "image": in_channels * float(np.prod(pre)) * 4,
         "ring": (k + 1) * float(box[0] * box[1]) * roi[2] * 4,
-        "windows": 2 * batch_size * k * float(np.prod(roi)) * 4,
+        "windows": 2 * window_batch(batch_size, k, roi) * k * float(np.prod(roi)) * 4,
         "restore": 3 * slab_scan * 4 + k * float(pre[0] * pre[1]) * 4,
         "probabilities": k * scan if probabilities else 0.0,
     }
@@ -405,7 +416,7 @@ class Predictor:
             return self.device
         free, _ = torch.cuda.mem_get_info(self.device)
         k = self.plan.out_channels
-        need = (k + 1) * shape[0] * shape[1] * roi[2] * 4 + 2 * self.infer.batch_size * k * float(np.prod(roi)) * 4
+        need = (k + 1) * shape[0] * shape[1] * roi[2] * 4 + 2 * window_batch(self.infer.batch_size, k, roi) * k * float(np.prod(roi)) * 4
         fits = 2 * need < free
         log.info("stitching buffer %.2f GiB on %s (GPU free %.2f GiB)", need / 2**30, "GPU" if fits else "CPU", free / 2**30)
         return self.device if fits else torch.device("cpu")
@@ -433,7 +444,10 @@ class Predictor:
         with torch.inference_mode():
             if off[2] > 0:
                 yield make(0, off[2], [], ((0, 1), (0, 1)))
-            for z0, z1, parts, xy in rolling_windows(x, self._net, roi, self.infer.overlap, self.infer.blend, self.infer.batch_size,
+            batch = window_batch(self.infer.batch_size, self.plan.out_channels, roi)
+            if batch < self.infer.batch_size:
+                log.info("window batch %d -> %d: %d classes x %s voxels per window", self.infer.batch_size, batch, self.plan.out_channels, list(roi))
+            for z0, z1, parts, xy in rolling_windows(x, self._net, roi, self.infer.overlap, self.infer.blend, batch,
                                                      self.plan.out_channels, self.device, buffer_device, None if tile else box, self.plan.binary):
                 yield make(z0 + off[2], z1 + off[2], parts, tuple((a + o, b + o) for (a, b), o in zip(xy, off)))
             if off[2] + x.shape[3] < shape[2]:

@@ -121,13 +121,19 @@ def test_streamed_restore_equals_whole_volume_restore():
     plan = _plan(4, spacing=(1.5, 1.5, 2.0))
     img = _ct()
     shape = preprocess([img], plan)["image"].shape[1:]
-    probs = torch.softmax(torch.randn(4, *shape) * 3, 0)
+    logits = torch.randn(4, *shape) * 3
+    logits[3] -= 10  # a class that never wins: skipped when only labels are restored
+    probs = torch.softmax(logits, 0)
     whole = ScanRestorer(plan, img, probabilities=True)
     whole.add(0, shape[2], lambda c: probs[c])
     streamed = ScanRestorer(plan, img, probabilities=True)
     for z0, z1 in [(0, 1), (1, 5), (5, 6), (6, shape[2])]:
         streamed.add(z0, z1, lambda c: probs[c, ..., z0:z1])
     assert np.array_equal(whole.labels(), streamed.labels())
+    labels_only = ScanRestorer(plan, img)
+    for z0, z1 in [(0, 3), (3, shape[2])]:
+        labels_only.add(z0, z1, lambda c: probs[c, ..., z0:z1])
+    assert np.array_equal(labels_only.labels(), whole.labels())
     assert np.abs(whole.probabilities.astype(int) - streamed.probabilities.astype(int)).max() <= 1
     with pytest.raises(ValueError, match="does not continue"):
         streamed.add(3, 4, lambda c: probs[c, ..., 3:4])

@@ -437,16 +437,21 @@ class ScanRestorer:
         coords = [self._coords[0], self._coords[1], uz[k0:k1] - lo]
         best = index = None
         carry = []
-        for c in range(self.plan.out_channels):
+        k = self.plan.out_channels
+        for c in range(k):
             p = torch.as_tensor(channel(c)).to(self.device, torch.float32)
             if tuple(p.shape) != (*self.pre_size[:2], z1 - z0):
                 raise ValueError(f"class {c} slab has shape {tuple(p.shape)}, expected {(*self.pre_size[:2], z1 - z0)}.")
-            if k1 > k0:
-                q = resample_linear(p if self._carry is None else torch.cat([self._carry[c], p], -1), coords)
-                best, index = self._vote(c, q, best, index)
-                if self._prob_view is not None:
-                    self._prob_view[c, ..., k0:k1] = (q.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            src = p if self._carry is None else torch.cat([self._carry[c], p], -1)
             carry.append(p[..., -1:].clone())
+            # interpolation is a convex combination and the K probabilities sum to 1, so the winner
+            # has at least 1/K: a class below that everywhere in the slab cannot win (exact skip)
+            if k1 == k0 or (self._prob_view is None and k > 2 and float(src.max()) < (1 - 1e-3) / k):
+                continue
+            q = resample_linear(src, coords)
+            best, index = self._vote(c, q, best, index)
+            if self._prob_view is not None:
+                self._prob_view[c, ..., k0:k1] = (q.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         if k1 > k0:
             self._label_view[..., k0:k1] = self._values[index.cpu().numpy()]
         self._z, self._next, self._carry = z1, k1, carry
@@ -456,8 +461,8 @@ class ScanRestorer:
 
         if self.plan.binary:
             return None, (q > 0.5).to(torch.uint8)
-        if c == 0:
-            return q, torch.zeros(q.shape, dtype=torch.uint8, device=q.device)
+        if best is None:
+            return q.clone(), torch.full(q.shape, c, dtype=torch.uint8, device=q.device)
         index.masked_fill_(q > best, c)  # (boolean-index assignment is several times slower)
         return torch.maximum(best, q, out=best), index
 

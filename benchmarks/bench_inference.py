@@ -333,8 +333,15 @@ def print_table(results: Dict[str, dict], device: str) -> None:
     print("wall times of every run (s): " + "; ".join(f"{row} {r.get('all_time_s')}" for row, r in results.items()))
 
 
+def recipe_bytes(plan_memory_parts: Dict[str, float], classes: int, scan_voxels: float, pre_voxels: float) -> float:
+    """The standard recipe's main buffers at Invertd (a lower bound, from the algorithm): the
+    stitched (K, preprocessed) float32 probabilities, their (K, scan) float32 inverse and the
+    (1, scan) float32 input image, alive together."""
+    return classes * pre_voxels * 4 + classes * scan_voxels * 4 + scan_voxels * 4
+
+
 def lower_bound(run: Path, image: Path, rows_batch: int) -> Dict[str, float]:
-    """volseg's own sizing (plan_memory) for this scan, without the crop."""
+    """volseg's own sizing (plan_memory) for this scan, without the crop, and the recipe's."""
     import SimpleITK as sitk
 
     from volseg.data.preprocess import Plan, canonical_geometry
@@ -348,7 +355,12 @@ def lower_bound(run: Path, image: Path, rows_batch: int) -> Dict[str, float]:
     ref.SetDirection(reader.GetDirection())
     grid, perm, _ = canonical_geometry(ref, plan.orientation)
     size, spacing = reader.GetSize(), reader.GetSpacing()
-    return plan_memory([size[p] for p in perm], [spacing[p] for p in perm], plan.spacing, plan.out_channels, window_size(plan), batch_size=rows_batch)
+    scan = [size[p] for p in perm]
+    sp = [spacing[p] for p in perm]
+    parts = plan_memory(scan, sp, plan.spacing, plan.out_channels, window_size(plan), batch_size=rows_batch)
+    pre = float(np.prod([max(1, round(n * s / t)) for n, s, t in zip(scan, sp, plan.spacing)]))
+    parts["monai_recipe_total"] = recipe_bytes(parts, plan.out_channels, float(np.prod(scan)), pre)
+    return parts
 
 
 def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -381,6 +393,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args._worker:
         _run_worker(*args._worker)
         return 0
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # also for the training of --train-steps
     with tempfile.TemporaryDirectory(prefix="volseg_bench_") as d:
         tmp = Path(d)
         t0 = time.perf_counter()
@@ -397,7 +413,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{what}; {args.device}, set-up {time.perf_counter() - t0:.0f} s", flush=True)
         results = run_rows(args, run, image, tmp)
     print_table(results, args.device)
-    print("volseg lower bound, main buffers (plan_memory, MiB): " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in bound.items()))
+    print("lower bounds, main buffers (MiB): volseg (plan_memory) " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in bound.items() if k != "monai_recipe_total")
+          + f"; monai recipe {bound['monai_recipe_total'] / 2**20:.0f}")
     if args.json:
         args.json.write_text(json.dumps({"setup": what, "args": {k: v for k, v in vars(args).items() if k not in ("_worker", "json")},
                                          "results": results, "plan_memory_bytes": bound}, indent=2, default=str), encoding="utf-8")

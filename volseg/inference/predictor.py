@@ -10,11 +10,14 @@ validation), to a float16 array (:meth:`Predictor.probabilities`) or, in
 resamples it onto the scan's own grid with a running argmax. So nothing of size classes x
 volume exists, whatever the number of classes; :func:`plan_memory` sizes the buffers.
 
-Speed levers (``infer`` config): the body/nonzero crop (``crop``, CT: > -500 HU on the raw scan),
-larger windows than the training patch (``window_scale``), ``overlap``, the window batch
-(``batch_size``), ``threads``; ``torch.inference_mode`` always. On CUDA the windows run under
-AMP and the buffer and the restore stay on the GPU when measured free memory allows, else on
-the CPU (logged); a CUDA out-of-memory error retries the scan with CPU stitching.
+Speed levers (``infer`` config). Exact: ``crop: windows`` (the default) skips windows that miss
+the body box (CT: > -500 HU on the raw scan, MRI: nonzero; background outside the box), the
+window batch (``batch_size``, shrunk by :func:`window_batch` for many classes), ``threads``,
+``torch.inference_mode`` always. Approximate (measured in benchmarks/README.md): ``crop: box``
+(tile the box only), ``window_scale`` > 1 and a lower ``overlap``. On CUDA the whole chain runs
+on the GPU: :func:`~volseg.data.preprocess.preprocess_torch`, the windows under AMP, the buffer
+and the restore on the device when measured free memory allows, else on the CPU (logged); a
+CUDA out-of-memory error retries the scan with CPU stitching.
 """
 
 from __future__ import annotations

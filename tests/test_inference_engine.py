@@ -53,6 +53,18 @@ def test_rolling_engine_equals_monai_whole_volume(dims, slice_axis, shape):
     assert np.mean(pred.predict_index(x.numpy()) == ref.argmax(0)) > 0.999
 
 
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.6])
+def test_rolling_engine_equals_monai_at_other_overlaps(overlap):
+    from monai.inferers import sliding_window_inference
+
+    pred = Predictor(_net(3, 4), _plan(4, 3, (16, 16, 8)), InferConfig(overlap=overlap, batch_size=3, crop="none"), "cpu")
+    x = torch.randn(1, 23, 19, 37)
+    ours = pred.probabilities(x.numpy()).astype(np.float32)
+    with torch.no_grad():
+        ref = sliding_window_inference(x[None], (16, 16, 8), 3, pred._net, overlap, "gaussian")[0].numpy()
+    assert np.abs(ours - ref).max() < 2e-3
+
+
 def test_each_window_is_computed_once():
     plan = _plan(3, 3, (16, 16, 8))
     calls = []

@@ -28,7 +28,7 @@ if [ "$SMALL" = 1 ]; then
 else
   DEV=cuda; SPEED="--shape 512 512 200 --spacing 0.8 0.8 2.5 --target-spacing 1.6 1.6 2.5 --roi 128 128 128"
   MEM="--shape 512 512 300 --spacing 0.8 0.8 2.5 --target-spacing 1.5 1.5 2.0 --roi 128 128 128"
-  TRAIN="--train-steps 200 --phantom-shape 160 160 96"; T1=90; T2=190; T3=90; T4=90; REP=3
+  TRAIN="--train-steps 200 --phantom-shape 128 128 80"; T1=90; T2=190; T3=90; T4=90; REP=3
 fi
 step() { echo "== $1 ($(date -u +%T))" | tee -a "$OUT/summary.txt"; }
 

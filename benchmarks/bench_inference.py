@@ -1,25 +1,35 @@
-"""Whole-scan inference: volseg's Predictor against the MONAI tutorial recipe.
+"""Whole-scan inference, file in -> file out: volseg against MONAI's standard recipe.
 
-Both pipelines segment the same synthetic CT (int16 HU, LPS affine, written to a temporary
-NIfTI) with the same network weights, ROI, overlap (0.5), window batch (4) and Gaussian
-blending, and write a label map on the scan's own grid:
+Every row segments the same scan with the same weights and writes a label map on the scan's
+own grid; each run is a fresh subprocess (its peak RSS, ``ru_maxrss``, belongs to it alone) and
+the rows alternate, ``--repeat`` times, reporting the median wall time.
 
-* baseline "MONAI standard recipe": LoadImaged (nibabel) -> EnsureChannelFirstd ->
-  Orientationd("RAS") -> Spacingd(bilinear) -> ScaleIntensityRanged(-1000..1000 -> 0..1,
-  clip); SlidingWindowInferer on the whole volume -> softmax -> Invertd(nearest_interp=False)
-  -> AsDiscreted(argmax) -> SaveImaged (nibabel).
-* volseg: ``read_image`` -> ``Predictor.predict`` (float16 probabilities, Z slabs, per-class
-  inverse resampling with a running argmax) -> ``write_label_like``. The plan's CT
-  normalisation is set to the same -1000..1000 -> 0..1 map.
+Rows (``--rows``):
 
-Each pipeline runs in its own subprocess, so peak RSS (``ru_maxrss``) and, on CUDA,
-``torch.cuda.max_memory_allocated`` belong to that pipeline alone. The network defaults to a
-tiny U-Net (features 4 8) so that on a CPU the figures measure the pipeline (resampling,
-stitching, inversion, memory) rather than convolutions; ``--features 16 32 64 128`` gives a
-realistic one. Timings are reported, never asserted.
+* ``monai``: the standard recipe of the MONAI tutorials: LoadImaged -> EnsureChannelFirstd ->
+  Orientationd -> Spacingd(bilinear) -> the plan's intensity mapping (ScaleIntensityRanged for
+  CT, NormalizeIntensityd(nonzero) otherwise) -> sliding_window_inference (roi = the training
+  patch, overlap 0.5, gaussian, the same window batch, softmax per window: both sides blend
+  probabilities) -> Invertd(bilinear) -> argmax -> SaveImaged.
+* ``monai_lowmem``: the same, memory-aware: stitching on the CPU in float16, argmax before
+  Invertd (nearest).
+* ``volseg``: ``Predictor.predict`` with the run's ``infer`` settings (the defaults) +
+  ``write_label_like``.
+* ``exact``: volseg with the recipe's roi/overlap/blending and no crop (``crop=none``,
+  ``window_scale=1``, ``overlap=0.5``); then one lever at a time on top of ``exact``: ``skip``
+  (``crop=windows``: skip windows that miss the body box; exact inside it), ``crop``
+  (``crop=box``: tile the body box only), ``window`` (``window_scale=--window-scale``),
+  ``overlap`` (0.25), ``batch1`` (window batch 1), ``threads1`` (one torch thread).
 
-    python benchmarks/bench_inference.py                       # default size, a few CPU minutes
-    python benchmarks/bench_inference.py --shape 512 512 300 --classes 14
+Agreement: mean foreground Dice of each row's label map against the recipe's and against
+``exact``'s. With ``--train-steps N`` the network is first trained briefly on synthetic CT
+phantoms (volseg's trainer, configs/demo.yaml) and a held-out phantom is segmented, so the
+agreement rows mean something; otherwise the network (``--features``) is untrained (random
+weights, zero biases) and only the speed and memory rows mean something.
+``--lower-bound`` prints :func:`volseg.inference.predictor.plan_memory` for the scan.
+
+    python benchmarks/bench_inference.py --train-steps 60 --rows monai exact volseg crop window overlap
+    python benchmarks/bench_inference.py --shape 512 512 300 --classes 14 --features 4 8 --roi 96 96 96 --repeat 1 --rows monai monai_lowmem volseg
 """
 
 from __future__ import annotations
@@ -36,14 +46,38 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-PIPELINES = ("baseline", "volseg")
+EXACT = {"crop": "none", "window_scale": 1.0, "overlap": 0.5}
+ROWS = {
+    "monai": None,
+    "monai_lowmem": None,
+    "volseg": {},
+    "exact": EXACT,
+    "skip": {**EXACT, "crop": "windows"},
+    "crop": {**EXACT, "crop": "box"},
+    "window": {**EXACT, "window_scale": "WINDOW"},
+    "overlap": {**EXACT, "overlap": 0.25},
+    "batch1": {**EXACT, "batch_size": 1},
+    "threads1": {**EXACT, "threads": 1},
+}
 
 
-# --------------------------------------------------------------------------- helpers (both sides)
+# --------------------------------------------------------------------------- workers (subprocess)
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS (MiB). On Linux VmHWM, not ru_maxrss: ru_maxrss survives exec,
+    so a worker would report at least the parent's RSS at fork time (torch, the trained model)."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024**2 if sys.platform == "darwin" else 1024)
 
 
 def _rss_mib() -> float:
-    """Current resident set size (MiB), from /proc (Linux)."""
+    """Current RSS (MiB), Linux."""
     try:
         for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith("VmRSS:"):
@@ -53,229 +87,94 @@ def _rss_mib() -> float:
     return float("nan")
 
 
-def _peak_rss_mib() -> float:
-    """Peak resident set size of this process (MiB); Linux reports KiB, macOS bytes."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024**2 if sys.platform == "darwin" else 1024)
-
-
-class RssSampler:
-    """Polls this process's RSS every ``interval`` s in a thread: per-stage peaks from the
-    timeline. Sampled, so a short spike (or a call that holds the GIL) can be missed; the
-    whole-run peak comes from ``ru_maxrss``, which misses nothing."""
-
-    def __init__(self, interval: float = 0.02):
-        import threading
-
-        self.interval = interval
-        self.samples: List[tuple] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), _rss_mib()))
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "RssSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def peak(self, t0: float, t1: float) -> float:
-        vals = [r for t, r in self.samples if t0 <= t <= t1]
-        return max(vals) if vals else float("nan")
-
-
-def _stage_peaks(sampler: RssSampler, t0: float, stages: Dict[str, float]) -> Dict[str, float]:
-    out, t = {}, t0
-    for name, dt in stages.items():
-        out[name] = sampler.peak(t, t + dt)
-        t += dt
-    return out
-
-
-def build_model(features: Sequence[int], in_channels: int, classes: int):
-    """The benchmark network, untrained but with informative outputs.
-
-    ``features=()``: a 1x1x1 convolution that is a nearest-centre classifier on the normalised
-    intensity (class ``k`` wins around ``c_k``; centres spread over 0..0.9). Otherwise volseg's
-    U-Net with batch norm (eval mode: an identity map at initialisation), random weights and
-    zero biases, so the argmax follows local image patterns instead of the largest bias and the
-    network is translation-equivariant: the two pipelines' label maps then differ only through
-    preprocessing, stitching and inversion."""
+def _sync(device) -> None:
     import torch
 
-    if not features:
-        net = torch.nn.Conv3d(in_channels, classes, kernel_size=1)
-        centres = torch.linspace(0.0, 0.9, classes)
-        with torch.no_grad():  # argmax_k (2 c_k x - c_k^2) = argmin_k |x - c_k|
-            net.weight.copy_((40 * centres)[:, None, None, None, None].expand_as(net.weight) / in_channels)
-            net.bias.copy_(-20 * centres**2)
-        return net
-    from volseg.config import ModelConfig
-    from volseg.nets import build_network
-
-    net = build_network(ModelConfig(features=tuple(features), norm="batch"), in_channels, classes)
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            if name.endswith("bias"):
-                param.zero_()
-    return net
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-# --------------------------------------------------------------------------- workers (subprocess)
-
-
-def _worker_baseline(job: dict) -> dict:
+def _recipe(job: dict, lowmem: bool) -> dict:
     import torch
     from monai.inferers import SlidingWindowInferer
-    from monai.transforms import (
-        Activationsd,
-        AsDiscreted,
-        Compose,
-        EnsureChannelFirstd,
-        Invertd,
-        LoadImaged,
-        Orientationd,
-        SaveImaged,
-        ScaleIntensityRanged,
-        Spacingd,
-    )
+    from monai.transforms import (AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged, NormalizeIntensityd, Orientationd,
+                                  SaveImaged, ScaleIntensityRanged, Spacingd)
 
-    device = torch.device(job["device"])
-    model = build_model(job["features"], 1, job["classes"])
-    model.load_state_dict(torch.load(job["weights"], map_location="cpu"))
-    model = model.to(device).eval()
-    pre = Compose(
-        [
-            LoadImaged(keys="image", reader="NibabelReader"),
-            EnsureChannelFirstd(keys="image"),
-            Orientationd(keys="image", axcodes="RAS"),
-            Spacingd(keys="image", pixdim=job["target_spacing"], mode="bilinear"),
-            ScaleIntensityRanged(keys="image", a_min=-1000, a_max=1000, b_min=0.0, b_max=1.0, clip=True),
-        ]
-    )
-    post = Compose(
-        [
-            Activationsd(keys="pred", softmax=True),
-            Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True),
-            AsDiscreted(keys="pred", argmax=True),
-            SaveImaged(
-                keys="pred",
-                output_dir=job["out_dir"],
-                output_postfix="seg",
-                output_dtype=np.uint8,
-                resample=False,
-                separate_folder=False,
-                print_log=False,
-                writer="NibabelWriter",
-            ),
-        ]
-    )
-    inferer = SlidingWindowInferer(roi_size=job["roi"], sw_batch_size=4, overlap=0.5, mode="gaussian")
-    rss0 = _rss_mib()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with RssSampler() as sampler:
-        t0 = time.perf_counter()
-        data = pre({"image": job["image"]})
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            data["pred"] = inferer(data["image"][None].to(device), model)[0]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t2 = time.perf_counter()
-        data = post(data)
-        t3 = time.perf_counter()
-    written = sorted(Path(job["out_dir"]).glob("*_seg.nii.gz"))
-    stages = {"preprocess": t1 - t0, "network": t2 - t1, "restore+write": t3 - t2}
-    return {
-        "stages_s": stages,
-        "stage_peak_rss_mib": _stage_peaks(sampler, t0, stages),
-        "time_s": t3 - t0,
-        "rss_before_mib": rss0,
-        "output": str(written[0]) if written else None,
-    }
-
-
-def _worker_volseg(job: dict) -> dict:
-    import torch
-
-    from volseg.config import InferConfig
-    from volseg.data.io import read_image, write_label_like
-    from volseg.data.preprocess import ChannelNorm, Plan
     from volseg.inference.predictor import Predictor
 
-    device = torch.device(job["device"])
-    model = build_model(job["features"], 1, job["classes"])
-    model.load_state_dict(torch.load(job["weights"], map_location="cpu"))
-    k = job["classes"]
-    plan = Plan(
-        spacing=tuple(job["target_spacing"]),
-        orientation="RAS",
-        channels=("CT",),
-        # (x - mean) / std with mean=-1000, std=2000 maps -1000..1000 to 0..1, as the baseline
-        norms=(ChannelNorm("ct", -1000.0, 1000.0, -1000.0, 2000.0),),
-        label_values=tuple(range(k)),
-        label_names=("background",) + tuple(f"class{i}" for i in range(1, k)),
-        spatial_dims=3,
-        patch_size=tuple(job["roi"]),
-        slice_axis=2,
-    )
-    pred = Predictor(model, plan, InferConfig(overlap=0.5, batch_size=4, blend="gaussian"), device)
-    out_path = Path(job["out_dir"]) / "volseg_seg.nii.gz"
+    pred = Predictor.from_run(job["run"], device=job["device"])
+    plan, model, device = pred.plan, pred.model, pred.device
     rss0 = _rss_mib()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with RssSampler() as sampler:
-        t0 = time.perf_counter()
-        images = [read_image(job["image"])]
-        out = pred.predict(images, source=job["image"])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t1 = time.perf_counter()
-        write_label_like(out["labels"], job["image"], images[0], out_path)
-        t2 = time.perf_counter()
-    timing = out["timing"]
-    # read_image is counted in "preprocess", as LoadImaged is on the baseline's side
-    stages = {
-        "preprocess": (t1 - t0) - timing["network_s"] - timing["restore_s"],
-        "network": timing["network_s"],
-        "restore+write": timing["restore_s"] + (t2 - t1),
-    }
-    return {
-        "stages_s": stages,
-        "stage_peak_rss_mib": _stage_peaks(sampler, t0, stages),
-        "time_s": t2 - t0,
-        "rss_before_mib": rss0,
-        "output": str(out_path),
-    }
+    n = plan.norms[0]
+    norm = (ScaleIntensityRanged("image", n.lo, n.hi, (n.lo - n.mean) / n.std, (n.hi - n.mean) / n.std, clip=True) if n.scheme == "ct"
+            else NormalizeIntensityd("image", nonzero=True))
+    pre = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), Orientationd("image", axcodes=plan.orientation),
+                   Spacingd("image", pixdim=plan.spacing, mode="bilinear"), norm])
+    save = SaveImaged("pred", output_dir=job["out_dir"], output_postfix="seg", output_dtype=np.uint8, resample=False,
+                      separate_folder=False, print_log=False)
+    if lowmem:
+        post = Compose([AsDiscreted("pred", argmax=True), Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True), save])
+    else:
+        post = Compose([Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False), AsDiscreted("pred", argmax=True), save])
+    inferer = SlidingWindowInferer(list(plan.patch_size), sw_batch_size=job["batch"], overlap=0.5, mode="gaussian", sw_device=device,
+                                   device=torch.device("cpu") if lowmem else device)
+
+    def net(x):
+        with torch.autocast(device.type, enabled=device.type == "cuda"):  # AMP on CUDA, as volseg
+            p = torch.softmax(model(x.float()).float(), 1)
+        return p.half() if lowmem else p
+
+    t0 = time.perf_counter()
+    data = pre({"image": job["image"]})
+    t1 = time.perf_counter()
+    with torch.inference_mode():
+        x = data["image"][None].to(device)
+        data["pred"] = inferer(x.half() if lowmem else x, net)[0]
+    _sync(device)
+    t2 = time.perf_counter()
+    data = post(data)
+    t3 = time.perf_counter()
+    out = sorted(Path(job["out_dir"]).glob("*_seg.nii.gz"))
+    return {"time_s": t3 - t0, "stages_s": {"preprocess": t1 - t0, "network": t2 - t1, "restore": t3 - t2}, "output": str(out[0]), "rss_before_mib": rss0}
 
 
-def _run_worker(name: str, job_path: str) -> None:
+def _volseg(job: dict) -> dict:
+    from volseg.data.io import read_image, write_label_like
+    from volseg.inference.predictor import Predictor
+
+    pred = Predictor.from_run(job["run"], device=job["device"], overrides=job["overrides"])
+    rss0 = _rss_mib()
+    out_path = Path(job["out_dir"]) / "volseg_seg.nii.gz"
+    t0 = time.perf_counter()
+    images = [read_image(job["image"])]
+    out = pred.predict(images, source=job["image"])
+    _sync(pred.device)
+    write_label_like(out["labels"], job["image"], images[0], out_path)
+    t1 = time.perf_counter()
+    tm = out["timing"]
+    stages = {"preprocess": t1 - t0 - tm["network_s"] - tm["restore_s"], "network": tm["network_s"], "restore": tm["restore_s"]}
+    return {"time_s": t1 - t0, "stages_s": stages, "output": str(out_path), "box": out["box"], "rss_before_mib": rss0}
+
+
+def _run_worker(row: str, job_path: str) -> None:
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
     import torch
 
-    if job.get("threads"):
+    if job["threads"]:
         torch.set_num_threads(job["threads"])
-    result = (_worker_baseline if name == "baseline" else _worker_volseg)(job)
+    result = _recipe(job, row == "monai_lowmem") if row.startswith("monai") else _volseg(job)
     result["peak_rss_mib"] = _peak_rss_mib()
-    result["threads"] = torch.get_num_threads()
     if job["device"] == "cuda":
         result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(result), flush=True)
 
 
-# --------------------------------------------------------------------------- parent
+# --------------------------------------------------------------------------- inputs
 
 
 def make_volume(path: Path, shape: Sequence[int], spacing: Sequence[float], seed: int = 0) -> None:
-    """Synthetic CT: an elliptic body of smoothed-noise soft tissue and "bone" in air, int16 HU,
-    written with an LPS affine (axes towards Left, Posterior, Superior) and an off-centre origin."""
+    """Synthetic CT: an elliptic body of smoothed-noise soft tissue, fat and "bone" in air,
+    int16 HU, written with an LPS affine and an off-centre origin."""
     import nibabel as nib
     import torch
     import torch.nn.functional as F
@@ -284,12 +183,11 @@ def make_volume(path: Path, shape: Sequence[int], spacing: Sequence[float], seed
     X, Y, Z = (int(s) for s in shape)
     coarse = torch.randn((1, 1, X // 16 + 2, Y // 16 + 2, Z // 8 + 2), generator=gen)
     hu = F.interpolate(coarse, size=(X, Y, Z), mode="trilinear", align_corners=True)[0, 0]
-    hu = torch.where(hu > 1.2, 300 + 400 * (hu - 1.2), 40 + 120 * hu)  # soft tissue, fat and bone
+    hu = torch.where(hu > 1.2, 300 + 400 * (hu - 1.2), 40 + 120 * hu)
     hu += 20 * torch.randn((X, Y, Z), generator=gen)
     x = torch.linspace(-1, 1, X)[:, None, None]
     y = torch.linspace(-1, 1, Y)[None, :, None]
-    body = (x / 0.85) ** 2 + (y / 0.7) ** 2 < 1
-    hu = torch.where(body, hu, torch.full_like(hu, -1000.0))
+    hu = torch.where((x / 0.85) ** 2 + (y / 0.7) ** 2 < 1, hu, torch.full_like(hu, -1000.0))
     arr = hu.round().clamp(-1024, 3071).to(torch.int16).numpy()
     sx, sy, sz = (float(s) for s in spacing)
     affine = np.array([[-sx, 0, 0, 180.0], [0, -sy, 0, 210.0], [0, 0, sz, -420.0], [0, 0, 0, 1]])
@@ -299,55 +197,73 @@ def make_volume(path: Path, shape: Sequence[int], spacing: Sequence[float], seed
     nib.save(img, str(path))
 
 
-def _preprocessed_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> List[int]:
-    return [max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target)]
+def make_untrained_run(folder: Path, features: Sequence[int], classes: int, roi: Sequence[int], spacing: Sequence[float], batch: int) -> Path:
+    """A run folder for an untrained volseg U-Net (instance norm, random weights, zero biases
+    so no class wins by its bias) with a CT plan mapping -1000..1000 HU to 0..1."""
+    import torch
+    import yaml
+
+    from volseg.config import from_dict, to_dict
+    from volseg.data.preprocess import ChannelNorm, Plan
+    from volseg.nets import build_network
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = from_dict({"model": {"features": list(features), "norm": "instance", "deep_supervision": False},
+                     "data": {"patch_size": list(roi)}, "infer": {"batch_size": batch}})
+    plan = Plan(spacing=tuple(spacing), orientation="RAS", channels=("CT",), norms=(ChannelNorm("ct", -1000.0, 1000.0, -1000.0, 2000.0),),
+                label_values=tuple(range(classes)), label_names=tuple(f"class{i}" for i in range(classes)), spatial_dims=3,
+                patch_size=tuple(roi), slice_axis=2)
+    torch.manual_seed(0)
+    net = build_network(cfg.model, 1, classes)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+    (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)), encoding="utf-8")
+    (folder / "plan.json").write_text(plan.to_json(), encoding="utf-8")
+    torch.save({"model": net.state_dict(), "epoch": 0}, folder / "best.pt")
+    return folder
 
 
-def theoretical_bytes(shape, spacing, target, classes, roi) -> Dict[str, float]:
-    """Lower bound (bytes) of the dominant live buffers, from the algorithms, not measured.
+def make_trained_run(tmp: Path, steps: int, device: str, batch: int, shape: Sequence[int]) -> tuple:
+    """Train configs/demo.yaml's network for ``steps`` steps on synthetic CT phantoms; return
+    the run folder and a held-out phantom of ``shape`` voxels written as NIfTI."""
+    from volseg.config import load_config
+    from volseg.data.io import write_image
+    from volseg.data.synth import make_case, make_dataset
+    from volseg.training import train
 
-    baseline: at Invertd the softmax probabilities (K, preprocessed) float32 and their inverse
-    on the original grid (K, original) float32 coexist; the input image (original grid)
-    float32 is still in the dict.
-    volseg: float16 probabilities (K, preprocessed), one Z slab of the float32 stitching buffer
-    (capped at SLAB_BYTES, at least two ROI depths) and about three single-class float32
-    volumes on the original grid during the running argmax."""
-    from volseg.inference.predictor import SLAB_BYTES
-
-    orig = float(np.prod(shape))
-    pre_shape = _preprocessed_shape(shape, spacing, target)
-    pre = float(np.prod(pre_shape))
-    X, Y, Z = pre_shape
-    depth = max(roi[2] * 2, int(SLAB_BYTES // max(1, classes * X * Y * 4)))
-    slab = classes * X * Y * min(Z, depth + roi[2]) * 4
-    return {
-        "baseline": classes * pre * 4 + classes * orig * 4 + orig * 4,
-        "volseg": classes * pre * 2 + slab + 3 * orig * 4,
-    }
+    epochs = max(1, steps // 20)
+    data = make_dataset(tmp / "phantoms", cases=6, test_cases=0, seed=1, shape=shape)
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml",
+                      [f"train.epochs={epochs}", f"train.steps_per_epoch={max(1, steps // epochs)}", "train.val_every=1000",
+                       "data.num_workers=0", f"infer.batch_size={batch}"])
+    run = train(data, cfg, tmp / "run", device=device)
+    image, _ = make_case(99, "ct", shape, orientation="LPS", anisotropic=False)
+    path = tmp / "phantom.nii.gz"
+    write_image(image, path)
+    return run, path
 
 
-def _spawn(name: str, job: dict, tmp: Path, timeout: Optional[float]) -> dict:
-    job_path = tmp / f"{name}.json"
+# --------------------------------------------------------------------------- parent
+
+
+def _spawn(row: str, job: dict, tmp: Path, timeout: Optional[float]) -> dict:
+    job_path = tmp / f"{row}.json"
     job_path.write_text(json.dumps(job), encoding="utf-8")
-    t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, __file__, "--_worker", name, str(job_path)], capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([sys.executable, __file__, "--_worker", row, str(job_path)], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"stopped after --timeout {timeout:g} s"}
-    wall = time.perf_counter() - t0
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-12:])
         killed = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
-        return {"error": f"exit status {proc.returncode}{killed}\n{tail}", "process_s": wall}
-    res = json.loads(lines[-1][len("RESULT ") :])
-    res["process_s"] = wall
-    return res
+        return {"error": f"exit status {proc.returncode}{killed}\n{tail}"}
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
-def _median_run(runs: List[dict]) -> dict:
-    """The run with the median wall time (its stage times with it), the largest peak RSS of all
-    runs, and every run's wall time; an error if any run failed."""
+def _median(runs: List[dict]) -> dict:
     failed = [r for r in runs if "error" in r]
     if failed:
         return failed[0]
@@ -358,121 +274,151 @@ def _median_run(runs: List[dict]) -> dict:
     return out
 
 
-def agreement(a_path: str, b_path: str) -> float:
-    """Fraction of voxels with the same label; both files must share shape and affine."""
+def dice(a_path: str, b_path: str) -> float:
+    """Mean foreground Dice between two label maps on the same grid (classes in either)."""
     import nibabel as nib
 
     a, b = nib.load(a_path), nib.load(b_path)
     if not np.allclose(a.affine, b.affine, atol=1e-3):
-        raise ValueError(f"label maps differ in affine:\n{a.affine}\nvs\n{b.affine}")
+        raise ValueError(f"{a_path} and {b_path} differ in affine")
     x, y = np.squeeze(np.asarray(a.dataobj)), np.squeeze(np.asarray(b.dataobj))
     if x.shape != y.shape:
-        raise ValueError(f"label maps differ in shape: {x.shape} vs {y.shape}")
-    return float(np.mean(x == y))
+        raise ValueError(f"{a_path} {x.shape} and {b_path} {y.shape} differ in shape")
+    scores = []
+    for k in sorted(set(np.unique(x)) | set(np.unique(y)) - {0}):
+        p, q = x == k, y == k
+        scores.append(2 * np.logical_and(p, q).sum() / (p.sum() + q.sum()))
+    return float(np.mean(scores)) if scores else 1.0
 
 
-def _ratio(a, b) -> str:
-    return f"{a / b:.2f}x" if a and b else "-"
+def run_rows(args, run: Path, image: Path, tmp: Path) -> Dict[str, dict]:
+    runs: Dict[str, List[dict]] = {r: [] for r in args.rows}
+    for rep in range(args.repeat):
+        for row in args.rows:  # alternate, so a burst of load from elsewhere hits every row
+            out_dir = tmp / f"out_{row}"
+            out_dir.mkdir(exist_ok=True)
+            overrides = {k: (args.window_scale if v == "WINDOW" else v) for k, v in (ROWS[row] or {}).items()}
+            job = {"image": str(image), "run": str(run), "device": args.device, "threads": args.threads, "batch": args.batch,
+                   "out_dir": str(out_dir), "overrides": {"batch_size": args.batch, **overrides}}
+            r = _spawn(row, job, tmp, args.timeout)
+            runs[row].append(r)
+            msg = r["error"] if "error" in r else f"{r['time_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB"
+            print(f"  [{rep + 1}/{args.repeat}] {row}: {msg}", flush=True)
+    results = {row: _median(rs) for row, rs in runs.items()}
+    for row, r in results.items():
+        for ref in ("monai", "exact"):
+            if "error" not in r and ref in results and "error" not in results[ref] and ref != row:
+                r[f"dice_vs_{ref}"] = dice(r["output"], results[ref]["output"])
+    return results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def print_table(results: Dict[str, dict], device: str) -> None:
+    base = results.get("monai", {}).get("time_s")
+    cols = ["row", "wall s", "monai/row", "pre s", "net s", "restore s", "peak RSS MiB", "RSS before MiB", "Dice vs monai", "Dice vs exact"]
+    if device == "cuda":
+        cols.append("CUDA peak MiB")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "|".join("---" for _ in cols) + "|")
+    for row, r in results.items():
+        if "error" in r:
+            print(f"| {row} | failed: {r['error'].splitlines()[0]} |")
+            continue
+        st = r["stages_s"]
+        cells = [row, f"{r['time_s']:.1f}", f"{base / r['time_s']:.2f}x" if base else "-", f"{st['preprocess']:.1f}", f"{st['network']:.1f}",
+                 f"{st['restore']:.1f}", f"{r['peak_rss_mib']:.0f}", f"{r.get('rss_before_mib', float('nan')):.0f}", f"{r.get('dice_vs_monai', float('nan')):.4f}",
+                 f"{r.get('dice_vs_exact', float('nan')):.4f}"]
+        if device == "cuda":
+            cells.append(f"{r.get('cuda_peak_mib', float('nan')):.0f}")
+        print("| " + " | ".join(cells) + " |")
+    print("wall times of every run (s): " + "; ".join(f"{row} {r.get('all_time_s')}" for row, r in results.items()))
+
+
+def recipe_bytes(plan_memory_parts: Dict[str, float], classes: int, scan_voxels: float, pre_voxels: float) -> float:
+    """The standard recipe's main buffers at Invertd (a lower bound, from the algorithm): the
+    stitched (K, preprocessed) float32 probabilities, their (K, scan) float32 inverse and the
+    (1, scan) float32 input image, alive together."""
+    return classes * pre_voxels * 4 + classes * scan_voxels * 4 + scan_voxels * 4
+
+
+def lower_bound(run: Path, image: Path, rows_batch: int) -> Dict[str, float]:
+    """volseg's own sizing (plan_memory) for this scan, without the crop, and the recipe's."""
+    import SimpleITK as sitk
+
+    from volseg.data.preprocess import Plan, canonical_geometry
+    from volseg.inference.predictor import plan_memory, window_size
+
+    plan = Plan.from_json((run / "plan.json").read_text(encoding="utf-8"))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(image))
+    reader.ReadImageInformation()
+    ref = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    ref.SetDirection(reader.GetDirection())
+    grid, perm, _ = canonical_geometry(ref, plan.orientation)
+    size, spacing = reader.GetSize(), reader.GetSpacing()
+    scan = [size[p] for p in perm]
+    sp = [spacing[p] for p in perm]
+    parts = plan_memory(scan, sp, plan.spacing, plan.out_channels, window_size(plan), batch_size=rows_batch)
+    pre = float(np.prod([max(1, round(n * s / t)) for n, s, t in zip(scan, sp, plan.spacing)]))
+    parts["monai_recipe_total"] = recipe_bytes(parts, plan.out_channels, float(np.prod(scan)), pre)
+    return parts
+
+
+def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", type=int, nargs=3, default=(256, 256, 150), metavar=("X", "Y", "Z"), help="scan grid (default 256 256 150)")
-    p.add_argument("--classes", type=int, default=14, help="network outputs incl. background, >= 3 (default 14)")
-    p.add_argument("--spacing", type=float, nargs=3, default=(0.8, 0.8, 2.5), help="scan spacing in mm (default 0.8 0.8 2.5)")
-    p.add_argument("--target-spacing", type=float, nargs=3, default=(1.5, 1.5, 2.0), help="model spacing in mm (default 1.5 1.5 2.0)")
-    p.add_argument("--roi", type=int, nargs=3, default=(96, 96, 96), help="sliding-window ROI in voxels (default 96 96 96)")
-    p.add_argument("--features", nargs="+", default=["4", "8"], help="U-Net features per level (default 4 8); 'none' = a 1x1x1 conv")
+    p.add_argument("--rows", nargs="+", default=["monai", "exact", "volseg"], choices=list(ROWS))
+    p.add_argument("--shape", type=int, nargs=3, default=(384, 384, 64), help="synthetic CT grid (default 384 384 64)")
+    p.add_argument("--spacing", type=float, nargs=3, default=(0.8, 0.8, 2.5), help="its spacing, mm (default 0.8 0.8 2.5)")
+    p.add_argument("--target-spacing", type=float, nargs=3, default=(1.6, 1.6, 2.5), help="the plan's spacing, mm (default 1.6 1.6 2.5)")
+    p.add_argument("--classes", type=int, default=14, help="classes incl. background (untrained network; default 14)")
+    p.add_argument("--features", type=int, nargs="+", default=[32, 64, 128, 256, 320], help="U-Net features (default: configs/default.yaml's)")
+    p.add_argument("--roi", type=int, nargs=3, default=(128, 128, 64), help="training patch = the recipe's roi (default 128 128 64)")
+    p.add_argument("--train-steps", type=int, default=0, help="train demo.yaml's network this many steps on phantoms and segment a phantom")
+    p.add_argument("--phantom-shape", type=int, nargs=3, default=(128, 128, 80), help="the held-out phantom's grid with --train-steps")
+    p.add_argument("--window-scale", type=float, default=1.5, help="infer.window_scale of the 'window' row (default 1.5)")
+    p.add_argument("--batch", type=int, default=4, help="windows per batch, both sides (default 4)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--repeat", type=int, default=3, help="runs per pipeline, alternating; the median time is reported (default 3)")
-    p.add_argument("--only", choices=PIPELINES, help="run one pipeline only")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per pipeline before it is stopped")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: torch's choice)")
+    p.add_argument("--repeat", type=int, default=3, help="alternated runs per row; the median is reported (default 3)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per run before it is stopped")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not args._worker and (args.repeat < 1 or args.classes < 3):
+        p.error(f"--repeat {args.repeat} must be >= 1 and --classes {args.classes} >= 3 (2 classes make a one-channel sigmoid network).")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse(argv)
     if args._worker:
         _run_worker(*args._worker)
         return 0
-    if args.repeat < 1:
-        p.error(f"--repeat {args.repeat}: must be >= 1.")
-    if args.classes < 3:
-        p.error(f"--classes {args.classes}: need >= 3 (with 2, volseg's network has one sigmoid output and the recipes are not comparable).")
-    features = [] if [f.lower() for f in args.features] == ["none"] else [int(f) for f in args.features]
-    if features and any(r % 2 ** (len(features) - 1) for r in args.roi):
-        p.error(f"--roi {list(args.roi)} must be a multiple of {2 ** (len(features) - 1)} for features {features}.")
+    if args.threads:
+        import torch
 
-    import torch
-
+        torch.set_num_threads(args.threads)  # also for the training of --train-steps
     with tempfile.TemporaryDirectory(prefix="volseg_bench_") as d:
         tmp = Path(d)
-        image = tmp / "ct.nii.gz"
         t0 = time.perf_counter()
-        make_volume(image, args.shape, args.spacing)
-        torch.manual_seed(0)
-        weights = tmp / "weights.pt"
-        torch.save(build_model(features, 1, args.classes).state_dict(), weights)
-        print(f"synthetic CT {list(args.shape)} at {list(args.spacing)} mm -> {_preprocessed_shape(args.shape, args.spacing, args.target_spacing)} "
-              f"at {list(args.target_spacing)} mm, {args.classes} classes, roi {list(args.roi)}, "
-              f"network {'conv1x1' if not features else 'unet ' + str(features)}, {args.device} "
-              f"(written in {time.perf_counter() - t0:.1f}s)", flush=True)
-        names = [n for n in PIPELINES if not args.only or n == args.only]
-        runs: Dict[str, List[dict]] = {n: [] for n in names}
-        for rep in range(args.repeat):
-            for name in names:  # alternate, so a burst of load from elsewhere hits both
-                out_dir = tmp / name
-                out_dir.mkdir(exist_ok=True)
-                job = {
-                    "image": str(image), "weights": str(weights), "features": features, "classes": args.classes,
-                    "target_spacing": list(args.target_spacing), "roi": list(args.roi), "device": args.device,
-                    "out_dir": str(out_dir), "threads": args.threads,
-                }
-                r = _spawn(name, job, tmp, args.timeout)
-                runs[name].append(r)
-                print(f"  [{rep + 1}/{args.repeat}] {name}: " + (r["error"].splitlines()[0] if "error" in r else f"{r['time_s']:.1f}s, peak RSS {r['peak_rss_mib']:.0f} MiB"), flush=True)
-                if "error" in r:
-                    print("    " + "\n    ".join(r["error"].splitlines()[1:]), file=sys.stderr)
-        results = {n: _median_run(rs) for n, rs in runs.items()}
-        ok = {n: r for n, r in results.items() if "error" not in r}
-        agree = None
-        if len(ok) == 2:
-            agree = agreement(ok["baseline"]["output"], ok["volseg"]["output"])
-        theory = theoretical_bytes(args.shape, args.spacing, args.target_spacing, args.classes, args.roi)
-
-    _table(ok, theory, agree, args.device)
+        if args.train_steps:
+            run, image = make_trained_run(tmp, args.train_steps, args.device, args.batch, args.phantom_shape)
+            what = f"demo.yaml U-Net trained {args.train_steps} steps on CT phantoms; held-out phantom {list(args.phantom_shape)}"
+        else:
+            image = tmp / "ct.nii.gz"
+            make_volume(image, args.shape, args.spacing)
+            run = make_untrained_run(tmp / "run", args.features, args.classes, args.roi, args.target_spacing, args.batch)
+            what = (f"untrained U-Net {args.features}, {args.classes} classes; synthetic CT {list(args.shape)} at {list(args.spacing)} mm "
+                    f"-> plan spacing {list(args.target_spacing)} mm, roi {list(args.roi)}")
+        bound = lower_bound(run, image, args.batch)
+        print(f"{what}; {args.device}, set-up {time.perf_counter() - t0:.0f} s", flush=True)
+        results = run_rows(args, run, image, tmp)
+    print_table(results, args.device)
+    print("lower bounds, main buffers (MiB): volseg (plan_memory) " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in bound.items() if k != "monai_recipe_total")
+          + f"; monai recipe {bound['monai_recipe_total'] / 2**20:.0f}")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "_worker" and k != "json"},
-                                         "results": results, "theory_bytes": theory, "agreement": agree}, indent=2, default=str), encoding="utf-8")
-    return 0 if len(ok) == len(results) else 1
-
-
-def _table(ok: dict, theory: dict, agree: Optional[float], device: str) -> None:
-    rows = [("wall time (s)", "time_s", "{:.1f}"), ("  preprocess (s)", ("stages_s", "preprocess"), "{:.1f}"),
-            ("  network+stitch (s)", ("stages_s", "network"), "{:.1f}"), ("  restore+write (s)", ("stages_s", "restore+write"), "{:.1f}"),
-            ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"), ("  RSS before (MiB)", "rss_before_mib", "{:.0f}"),
-            ("  peak in preprocess", ("stage_peak_rss_mib", "preprocess"), "{:.0f}"),
-            ("  peak in network", ("stage_peak_rss_mib", "network"), "{:.0f}"),
-            ("  peak in restore+write", ("stage_peak_rss_mib", "restore+write"), "{:.0f}")]
-    if device == "cuda":
-        rows.append(("CUDA peak alloc (MiB)", "cuda_peak_mib", "{:.0f}"))
-
-    def get(r, key):
-        return r[key[0]][key[1]] if isinstance(key, tuple) else r.get(key)
-
-    print()
-    reps = {n: r.get("all_time_s") for n, r in ok.items()}
-    if any(v and len(v) > 1 for v in reps.values()):
-        print("wall times of every run (s): " + "; ".join(f"{n} {v}" for n, v in reps.items()) + " -- the table shows the median run")
-    print(f"{'':24}{'baseline':>12}{'volseg':>12}{'baseline/volseg':>18}")
-    for label, key, fmt in rows:
-        vals = [get(ok[n], key) if n in ok else None for n in PIPELINES]
-        cells = [fmt.format(v) if v is not None else "-" for v in vals]
-        ratio = _ratio(*vals) if None not in vals else "-"
-        print(f"{label:24}{cells[0]:>12}{cells[1]:>12}{ratio:>18}")
-    tb, tv = theory["baseline"] / 2**20, theory["volseg"] / 2**20
-    print(f"{'lower bound (MiB)':24}{tb:>12.0f}{tv:>12.0f}{_ratio(tb, tv):>18}   (main buffers, see theoretical_bytes)")
-    if agree is not None:
-        print(f"label agreement (equal voxels): {agree:.4f}")
+        args.json.write_text(json.dumps({"setup": what, "args": {k: v for k, v in vars(args).items() if k not in ("_worker", "json")},
+                                         "results": results, "plan_memory_bytes": bound}, indent=2, default=str), encoding="utf-8")
+    return 0 if all("error" not in r for r in results.values()) else 1
 
 
 if __name__ == "__main__":

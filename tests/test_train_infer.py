@@ -231,11 +231,11 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     assert len(list((tmp_path / "demo/predictions").glob("*_seg.nii.gz"))) == 2
 
 
-def test_predictor_slabs_tta_and_largest_component(tiny_run, monkeypatch):
-    """Slab-wise stitching matches whole-volume stitching; TTA and postprocessing run."""
+def test_predictor_slabs_tta_and_largest_component(tiny_run):
+    """Probabilities sum to one; TTA and postprocessing run."""
     from volseg.data.manifest import load_manifest
     from volseg.data.preprocess import preprocess_case
-    from volseg.inference import Predictor, predictor
+    from volseg.inference import Predictor
 
     pred = Predictor.from_run(tiny_run, device="cpu")
 
@@ -243,12 +243,7 @@ def test_predictor_slabs_tta_and_largest_component(tiny_run, monkeypatch):
     pre = preprocess_case(load_manifest(manifest).test[0], pred.plan)
     whole = pred.probabilities(pre["image"]).astype(np.float32)
     assert whole.shape[1:] == pre["image"].shape[1:] and np.allclose(whole.sum(0), 1, atol=1e-2)
-    monkeypatch.setattr(predictor, "SLAB_BYTES", 1)  # forces slabs of two windows along z
-    slabs = pred.probabilities(pre["image"]).astype(np.float32)
-    # windows sit elsewhere in a slab, so blending weights differ a little (measured 0.009 mean
-    # |diff| with this barely trained, near-tie network)
-    assert np.abs(whole - slabs).mean() < 0.02
-    assert np.mean(whole.argmax(0) == slabs.argmax(0)) > 0.9
+    # slab-wise (rolling) stitching against whole-volume MONAI: tests/test_inference_engine.py
     tta = Predictor.from_run(tiny_run, device="cpu", overrides={"tta": True, "largest_component": [1]})
     assert len(tta._flips()) == 8
     index = tta.predict_index(pre["image"])

@@ -111,16 +111,22 @@ def resample(img: sitk.Image, spacing: Sequence[float], is_label: bool = False) 
     if tuple(size) == img.GetSize() and spacing == img.GetSpacing():
         return img
     if not is_label:
-        factor = np.array(spacing) / np.array(img.GetSpacing())
-        sigma = np.maximum(np.array(spacing) - np.array(img.GetSpacing()), 0) / 2
-        for axis in np.flatnonzero(factor > 1.5):
-            # anti-alias before downsampling: sigma (mm) ~ half the spacing increase. One axis at
-            # a time: ITK's recursive Gaussian needs >= 4 voxels along every axis it smooths,
-            # and a single-slice axis (2D mode) is never downsampled in-plane.
+        sigma = _antialias_sigma(img.GetSpacing(), spacing)
+        for axis in np.flatnonzero(sigma):
+            # one axis at a time: ITK's recursive Gaussian needs >= 4 voxels along every axis it
+            # smooths, and a single-slice axis (2D mode) is never downsampled in-plane
             if img.GetSize()[axis] >= 4:
                 img = sitk.RecursiveGaussian(img, float(sigma[axis]), False, sitk.RecursiveGaussianImageFilter.ZeroOrder, int(axis))
     interp = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
     return sitk.Resample(img, size, sitk.Transform(), interp, origin, spacing, img.GetDirection(), 0, img.GetPixelID())
+
+
+def _antialias_sigma(old: Sequence[float], new: Sequence[float]) -> np.ndarray:
+    """Gaussian sigma (mm, per axis) to smooth with before resampling from spacing ``old`` to
+    ``new``: about half the spacing increase on axes downsampled by more than 1.5x, 0 elsewhere.
+    The SimpleITK and the torch (GPU) paths both use it, so they smooth alike."""
+    old, new = np.asarray(old, float), np.asarray(new, float)
+    return np.where(new / old > 1.5, (new - old) / 2, 0.0)
 
 
 def _array(img: sitk.Image) -> np.ndarray:
@@ -214,16 +220,20 @@ def _fit_patch(cfg: Config, median_shape: np.ndarray) -> Tuple[int, ...]:
 # replay
 
 
-def _normalise(arr: np.ndarray, norm: ChannelNorm) -> np.ndarray:
+def _norm_transform(norm: ChannelNorm):
+    """The MONAI transform of a channel's normalisation (numpy or torch, any device), or None."""
     from monai.transforms import NormalizeIntensity, ScaleIntensityRange
 
     if norm.scheme == "ct":
-        t = ScaleIntensityRange(norm.lo, norm.hi, (norm.lo - norm.mean) / norm.std, (norm.hi - norm.mean) / norm.std, clip=True)
-    elif norm.scheme == "zscore":
-        t = NormalizeIntensity(nonzero=True)
-    else:
-        return arr.astype(np.float32)
-    return np.asarray(t(arr), dtype=np.float32)
+        return ScaleIntensityRange(norm.lo, norm.hi, (norm.lo - norm.mean) / norm.std, (norm.hi - norm.mean) / norm.std, clip=True)
+    if norm.scheme == "zscore":
+        return NormalizeIntensity(nonzero=True)
+    return None
+
+
+def _normalise(arr: np.ndarray, norm: ChannelNorm) -> np.ndarray:
+    t = _norm_transform(norm)
+    return arr.astype(np.float32) if t is None else np.asarray(t(arr), dtype=np.float32)
 
 
 MIN_VOXELS = 4  # per axis, before and after resampling (ITK's anti-alias filter needs 4)
@@ -275,71 +285,290 @@ def preprocess(images: Sequence[sitk.Image], plan: Plan, label: Optional[sitk.Im
     return out
 
 
+def preprocess_torch(images: Sequence[sitk.Image], plan: Plan, device="cpu", source: str = ""):
+    """:func:`preprocess` of the image channels in torch on ``device`` (the GPU path): the
+    reorientation is a permute/flip view (:func:`canonical_view`), the anti-alias a separable
+    Gaussian convolution, the resampling :func:`resample_linear` on the axis-aligned grids, the
+    normalisation the same MONAI transform. Returns ``(C, X, Y, Z)`` float32 on ``device``.
+    Agrees with :func:`preprocess` to float tolerance inside the grid; SimpleITK's recursive
+    Gaussian is an approximation of the exact one used here, and where the new grid reaches up
+    to half a voxel beyond the scan it takes the edge value, where SimpleITK writes 0."""
+    import torch
+
+    _check_input(images, plan, source or "input")
+    canon, perm, sign = canonical_geometry(images[0], plan.orientation)
+    size, origin, spacing = _target_grid(canon, plan.spacing)
+    coords = grid_coordinates(canon, Grid(tuple(size), origin, spacing, canon.direction))
+    sigma = _antialias_sigma(canon.spacing, spacing) if tuple(size) != canon.size or spacing != canon.spacing else np.zeros(3)
+    sigma = np.where(np.array(canon.size) >= 4, sigma, 0.0)  # as resample(): ITK smooths only axes of >= 4 voxels
+    chans = []
+    for img, norm in zip(images, plan.norms):
+        arr = np.ascontiguousarray(canonical_view(sitk.GetArrayViewFromImage(img), perm, sign))
+        x = torch.from_numpy(arr).to(device).float()
+        if sigma.any():
+            x = _gaussian(x, [s / sp for s, sp in zip(sigma, canon.spacing)])
+        x = resample_linear(x, coords)
+        t = _norm_transform(norm)
+        chans.append(x if t is None else torch.as_tensor(t(x), dtype=torch.float32, device=x.device))
+    return torch.stack(chans)
+
+
+def _gaussian(x, sigma_vox: Sequence[float]):
+    """Separable Gaussian smoothing of ``(X, Y, Z)`` (sigma in voxels per axis; kernel to 4
+    sigma, edges replicated)."""
+    import torch
+    import torch.nn.functional as F
+
+    for axis, s in enumerate(sigma_vox):
+        if s < 1e-3:
+            continue
+        r = max(1, int(np.ceil(4 * s)))
+        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32, device=x.device) / s) ** 2)
+        k = (k / k.sum()).view(1, 1, -1)
+        moved = x.movedim(axis, -1)
+        flat = F.pad(moved.reshape(-1, 1, moved.shape[-1]), (r, r), mode="replicate")
+        x = F.conv1d(flat, k).reshape(moved.shape).movedim(-1, axis)
+    return x
+
+
 def preprocess_case(case: Case, plan: Plan) -> Dict[str, np.ndarray]:
     images, label = load_case(case)
     return preprocess(images, plan, label, source=case.name)
 
 
-def _restored_channels(probs: np.ndarray, plan: Plan, reference: sitk.Image):
-    """Yield each class channel of ``probs`` (preprocessed grid) resampled (linear) onto the
-    canonical-orientation version of ``reference``, as ``[z, y, x]`` float32; first the
-    canonical image itself."""
-    canon = to_canonical(reference, plan.orientation)
-    pre_size, pre_origin, pre_spacing = _target_grid(canon, plan.spacing)
-    if list(probs.shape[1:]) != list(pre_size):
-        raise ValueError(f"probabilities of spatial shape {probs.shape[1:]} do not match the preprocessed grid {pre_size}.")
-    yield canon
-    for channel in probs:
-        img = sitk.GetImageFromArray(np.ascontiguousarray(channel.astype(np.float32).transpose(2, 1, 0)))
-        img.SetSpacing(pre_spacing)
-        img.SetOrigin(pre_origin)
-        img.SetDirection(canon.GetDirection())
-        # extrapolate at the border: the resampled grid can end up to half a voxel short of the
-        # original extent, whose outermost layer would otherwise come back as background
-        out = sitk.Resample(img, canon, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, useNearestNeighborExtrapolator=True)
-        yield sitk.GetArrayFromImage(out)
+# ---------------------------------------------------------------------------------------------
+# inverse: from the preprocessed grid back to the scan's own grid
 
 
-def _from_canonical(arr: np.ndarray, canon: sitk.Image, reference: sitk.Image) -> np.ndarray:
-    """Undo the reorientation: ``[z, y, x]`` array on ``canon``'s grid -> on ``reference``'s."""
-    img = sitk.GetImageFromArray(arr)
-    img.CopyInformation(canon)
-    code = sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(reference.GetDirection())
-    back = sitk.DICOMOrient(img, code)
-    if back.GetSize() != reference.GetSize():  # pragma: no cover - DICOMOrient is a permutation
-        raise RuntimeError(f"orientation inverse gave size {back.GetSize()}, expected {reference.GetSize()}")
-    return sitk.GetArrayFromImage(back)
+@dataclass(frozen=True)
+class Grid:
+    """A voxel grid without pixels, in SimpleITK's (x, y, z) axis order: ``size`` (voxels),
+    ``origin`` and ``spacing`` (mm), ``direction`` (3x3, row-major). It answers the getters
+    :func:`_target_grid` uses, so no pixel copy is needed to plan a grid."""
+
+    size: Tuple[int, int, int]
+    origin: Tuple[float, float, float]
+    spacing: Tuple[float, float, float]
+    direction: Tuple[float, ...]
+
+    def GetSize(self):  # noqa: N802 - SimpleITK's getter names
+        return self.size
+
+    def GetOrigin(self):  # noqa: N802
+        return self.origin
+
+    def GetSpacing(self):  # noqa: N802
+        return self.spacing
+
+    def GetDirection(self):  # noqa: N802
+        return self.direction
+
+
+def canonical_geometry(reference: sitk.Image, orientation: str) -> Tuple[Grid, Tuple[int, ...], Tuple[int, ...]]:
+    """The grid :func:`to_canonical` gives ``reference``, without copying its pixels, and the
+    axis map from it: canonical axis ``a`` is reference axis ``perm[a]``, reversed where
+    ``sign[a] < 0``. (DICOMOrient only permutes and flips; a 1-voxel probe with the same
+    direction tells which permutation it picks.)"""
+    probe = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    probe.SetDirection(reference.GetDirection())
+    dc = np.array(to_canonical(probe, orientation).GetDirection()).reshape(3, 3)
+    m = np.array(reference.GetDirection()).reshape(3, 3).T @ dc  # m[i, a] = <reference axis i, canonical axis a>
+    perm = tuple(int(i) for i in np.abs(m).argmax(0))
+    sign = tuple(int(np.sign(m[perm[a], a])) for a in range(3))
+    size_r, sp_r = reference.GetSize(), reference.GetSpacing()
+    corner = [0, 0, 0]
+    for a in range(3):
+        corner[perm[a]] = 0 if sign[a] > 0 else size_r[perm[a]] - 1
+    grid = Grid(
+        size=tuple(int(size_r[perm[a]]) for a in range(3)),
+        origin=tuple(reference.TransformIndexToPhysicalPoint(corner)),
+        spacing=tuple(float(sp_r[perm[a]]) for a in range(3)),
+        direction=tuple(float(v) for v in dc.ravel()),
+    )
+    return grid, perm, sign
+
+
+def canonical_view(arr_zyx: np.ndarray, perm: Sequence[int], sign: Sequence[int]) -> np.ndarray:
+    """A writable view of a reference-ordered ``[z, y, x]`` array (leading axes kept) in the
+    canonical ``(x, y, z)`` order of :func:`canonical_geometry`: writing into it undoes the
+    reorientation without a copy."""
+    lead = arr_zyx.ndim - 3
+    v = np.moveaxis(arr_zyx, [lead, lead + 1, lead + 2], [lead + 2, lead + 1, lead])  # (..., x, y, z)
+    v = v.transpose(*range(lead), *(lead + p for p in perm))
+    for a in range(3):
+        if sign[a] < 0:
+            v = np.flip(v, lead + a)
+    return v
+
+
+def grid_coordinates(src: Grid, dst: Grid) -> List[np.ndarray]:
+    """Continuous ``src`` voxel index (per axis, float64) of every ``dst`` voxel centre, for two
+    grids with the same direction (axis-aligned): ``[u_x, u_y, u_z]``."""
+    d = np.array(src.direction).reshape(3, 3)
+    offset = d.T @ (np.array(dst.origin) - np.array(src.origin))  # mm along each axis
+    return [(offset[a] + np.arange(dst.size[a]) * dst.spacing[a]) / src.spacing[a] for a in range(3)]
+
+
+def resample_linear(t, coords: Sequence[Optional[np.ndarray]]):
+    """Separable linear interpolation of a tensor ``(..., X, Y, Z)`` at continuous voxel
+    indices ``coords`` (one 1-D array per trailing axis; None keeps an axis). Beyond the grid
+    an axis takes its edge value. On axis-aligned grids this equals SimpleITK's linear
+    resampling inside the grid (up to half a voxel beyond the outer voxel centres; further out,
+    SimpleITK's nearest-neighbour extrapolator also rounds the other axes), but runs on any
+    torch device and lets a caller resample one slab at a time. Axes that shrink most go first
+    (least work)."""
+    import torch
+
+    lead = t.ndim - len(coords)
+    order = sorted((i for i, u in enumerate(coords) if u is not None), key=lambda i: len(coords[i]) / t.shape[lead + i])
+    for i in order:
+        dim, n = lead + i, t.shape[lead + i]
+        u = np.clip(np.asarray(coords[i], np.float64), 0, n - 1)
+        if len(u) == n and np.allclose(u, np.arange(n), atol=1e-6):
+            continue
+        i0 = np.minimum(np.floor(u).astype(np.int64), n - 1)
+        i1 = np.minimum(i0 + 1, n - 1)
+        shape = [1] * t.ndim
+        shape[dim] = -1
+        w = torch.as_tensor(u - i0, dtype=t.dtype, device=t.device).view(shape)
+        a = t.index_select(dim, torch.as_tensor(i0, device=t.device))
+        b = t.index_select(dim, torch.as_tensor(i1, device=t.device))
+        t = torch.lerp(a, b, w)
+    return t
+
+
+class ScanRestorer:
+    """Streams class probabilities from the preprocessed grid onto the scan's own grid.
+
+    Call :meth:`add` with consecutive slabs ``[z0, z1)`` of the preprocessed grid's z axis;
+    ``channel(c)`` returns class ``c`` on that slab as a tensor ``(X, Y, z1 - z0)``. Both grids
+    are axis-aligned in the canonical orientation, so a slab plus the last slice of the one
+    before determines every scan slice that lies in it: each class is resampled (separable
+    linear, :func:`resample_linear`, nearest-edge extrapolation) and a running maximum/argmax is
+    kept. Memory holds one class of one scan slab at a time (never classes x volume), and
+    results go straight into reference-ordered arrays through :func:`canonical_view`.
+    ``probabilities=True`` also keeps ``(K, z, y, x)`` uint8 (probability x 255) on the scan
+    grid: K bytes per scan voxel.
+    """
+
+    def __init__(self, plan: Plan, reference: sitk.Image, probabilities: bool = False, device="cpu"):
+        canon, perm, sign = canonical_geometry(reference, plan.orientation)
+        size, origin, spacing = _target_grid(canon, plan.spacing)
+        self.pre_size = tuple(size)
+        self._coords = grid_coordinates(Grid(tuple(size), origin, spacing, canon.direction), canon)
+        self.plan, self.device = plan, device
+        values = np.asarray(plan.label_values)
+        self._values = values.astype(np.uint8 if values.max() <= 255 else np.uint16)
+        shape = tuple(reference.GetSize())[::-1]
+        self._labels = np.zeros(shape, self._values.dtype)
+        self._label_view = canonical_view(self._labels, perm, sign)
+        self.probabilities = np.zeros((plan.out_channels,) + shape, np.uint8) if probabilities else None
+        self._prob_view = canonical_view(self.probabilities, perm, sign) if probabilities else None
+        self._z, self._next, self._carry = 0, 0, None
+
+    def add(self, z0: int, z1: int, channel) -> None:
+        import torch
+
+        if z0 != self._z or not z0 < z1 <= self.pre_size[2]:
+            raise ValueError(f"slab [{z0}, {z1}) does not continue at z={self._z} of the preprocessed grid {list(self.pre_size)}.")
+        uz = self._coords[2]
+        k1 = len(uz) if z1 == self.pre_size[2] else int(np.searchsorted(uz, z1 - 1, side="right"))
+        k0, lo = self._next, z0 - (self._carry is not None)
+        coords = [self._coords[0], self._coords[1], uz[k0:k1] - lo]
+        best = index = None
+        carry = []
+        k = self.plan.out_channels
+        for c in range(k):
+            p = torch.as_tensor(channel(c)).to(self.device, torch.float32)
+            if tuple(p.shape) != (*self.pre_size[:2], z1 - z0):
+                raise ValueError(f"class {c} slab has shape {tuple(p.shape)}, expected {(*self.pre_size[:2], z1 - z0)}.")
+            src = p if self._carry is None else torch.cat([self._carry[c], p], -1)
+            carry.append(p[..., -1:].clone())
+            # interpolation is a convex combination and the K probabilities sum to 1, so the winner
+            # has at least 1/K: a class below that everywhere in the slab cannot win (exact skip)
+            if k1 == k0 or (self._prob_view is None and k > 2 and float(src.max()) < (1 - 1e-3) / k):
+                continue
+            q = resample_linear(src, coords)
+            best, index = self._vote(c, q, best, index)
+            if self._prob_view is not None:
+                self._prob_view[c, ..., k0:k1] = (q.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        if k1 > k0:
+            self._label_view[..., k0:k1] = self._values[index.cpu().numpy()]
+        self._z, self._next, self._carry = z1, k1, carry
+
+    def _vote(self, c: int, q, best, index):
+        import torch
+
+        if self.plan.binary:
+            return None, (q > 0.5).to(torch.uint8)
+        if best is None:
+            return q.clone(), torch.full(q.shape, c, dtype=torch.uint8, device=q.device)
+        index.masked_fill_(q > best, c)  # (boolean-index assignment is several times slower)
+        return torch.maximum(best, q, out=best), index
+
+    def labels(self) -> np.ndarray:
+        """``[z, y, x]`` label values on the reference grid (uint8 when they fit)."""
+        if self._z != self.pre_size[2]:
+            raise RuntimeError(f"only {self._z} of {self.pre_size[2]} preprocessed slices were added.")
+        return self._labels
+
+
+def _restore(probs: np.ndarray, plan: Plan, reference: sitk.Image, probabilities: bool) -> ScanRestorer:
+    import torch
+
+    restorer = ScanRestorer(plan, reference, probabilities=probabilities)
+    if tuple(probs.shape) != (plan.out_channels, *restorer.pre_size):
+        raise ValueError(f"probabilities of shape {probs.shape} do not match ({plan.out_channels} classes, preprocessed grid {list(restorer.pre_size)}).")
+    restorer.add(0, probs.shape[-1], lambda c: torch.from_numpy(np.asarray(probs[c], np.float32)))
+    return restorer
 
 
 def restore_labels(probs: np.ndarray, plan: Plan, reference: sitk.Image) -> np.ndarray:
     """Map class probabilities on the preprocessed grid back onto ``reference``'s own grid.
 
     ``probs``: ``(K, X, Y, Z)`` (K = ``plan.out_channels``; float16 is fine) for the
-    preprocessed version of ``reference``. Each class channel is resampled (linear) onto the
-    original grid and a running maximum/argmax is kept, so memory peaks at a few
-    single-channel volumes rather than ``K x volume x float32``. Returns ``[z, y, x]`` label
-    *values* on ``reference``'s voxel grid (uint8 when they fit).
+    preprocessed version of ``reference``. One slab of :class:`ScanRestorer`: each class
+    channel is resampled (linear) onto the original grid with a running maximum/argmax, so
+    memory peaks at a few single-channel volumes rather than ``K x volume x float32``. Returns
+    ``[z, y, x]`` label *values* on ``reference``'s voxel grid (uint8 when they fit).
     """
-    channels = _restored_channels(probs, plan, reference)
-    canon = next(channels)
-    if plan.binary:
-        index = (next(channels) > 0.5).astype(np.uint8)
-    else:
-        best = next(channels).copy()
-        index = np.zeros(best.shape, np.uint8)
-        for k, p in enumerate(channels, start=1):
-            index[p > best] = k
-            np.maximum(best, p, out=best)
-        del best
-    values = np.asarray(plan.label_values)
-    labels = values.astype(np.uint8 if values.max() <= 255 else np.uint16)[index]
-    return _from_canonical(labels, canon, reference)
+    return _restore(probs, plan, reference, False).labels()
 
 
 def restore_probabilities(probs: np.ndarray, plan: Plan, reference: sitk.Image) -> np.ndarray:
     """``(K, X, Y, Z)`` probabilities -> ``(K, z, y, x)`` uint8 (probability x 255) on
     ``reference``'s grid. 8 bits keep 0.004 precision at half the size of float16, which NIfTI
     cannot store anyway."""
-    channels = _restored_channels(probs, plan, reference)
-    canon = next(channels)
-    return np.stack([_from_canonical(np.round(np.clip(p, 0, 1) * 255).astype(np.uint8), canon, reference) for p in channels])
+    return _restore(probs, plan, reference, True).probabilities
+
+
+# CT voxels above this (HU) count as body: air is about -1000 HU, lung about -850..-500
+BODY_HU = -500.0
+
+
+def foreground_box(images: Sequence[sitk.Image], plan: Plan, margin_mm: float) -> Optional[Tuple[Tuple[int, int], ...]]:
+    """Bounding box of the body on the preprocessed grid, ``((x0, x1), (y0, y1), (z0, z1))``
+    (half-open voxel ranges), widened by ``margin_mm``. Computed on the raw intensities before
+    any resampling or normalisation: CT channels (``plan.norms``) count voxels above
+    :data:`BODY_HU`, other channels nonzero voxels; the channels' boxes are united. None when
+    no voxel qualifies (then nothing may be cropped)."""
+    lo = np.full(3, np.inf)
+    hi = np.full(3, -np.inf)
+    for img, norm in zip(images, plan.norms):
+        arr = sitk.GetArrayViewFromImage(img)  # [z, y, x]
+        mask = arr > BODY_HU if norm.scheme == "ct" else arr != 0
+        for axis in range(3):  # index axis (x, y, z) = array axis 2 - axis
+            hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != 2 - axis)))
+            if hit.size:
+                lo[axis], hi[axis] = min(lo[axis], hit[0]), max(hi[axis], hit[-1])
+    if not np.isfinite(lo).all():
+        return None
+    canon, _, _ = canonical_geometry(images[0], plan.orientation)
+    size, origin, spacing = _target_grid(canon, plan.spacing)
+    d = np.array(canon.direction).reshape(3, 3)
+    corners = [images[0].TransformIndexToPhysicalPoint([int(c) for c in np.where(bits, hi, lo)]) for bits in np.ndindex(2, 2, 2)]
+    u = np.array([d.T @ (np.array(p) - np.array(origin)) / np.array(spacing) for p in corners])  # (8, 3) voxel indices
+    margin = margin_mm / np.array(spacing)
+    start = np.clip(np.floor(u.min(0) - margin), 0, size).astype(int)
+    stop = np.clip(np.ceil(u.max(0) + margin) + 1, 0, size).astype(int)
+    return tuple((int(a), int(b)) for a, b in zip(start, stop))

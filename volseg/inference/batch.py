@@ -108,15 +108,14 @@ def _error_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _write_probabilities(probs: np.ndarray, plan, reference, path: Path) -> Path:
+def _write_probabilities(arr: np.ndarray, reference, path: Path) -> Path:
     """Class probabilities on the reference grid as a 4D NIfTI ``(x, y, z, class)`` of uint8
     with ``scl_slope = 1/255``: readers get floats in [0, 1]. (NIfTI has no float16 type.)"""
     import nibabel as nib
 
     from ..data.io import atomic_write, nifti_affine
-    from ..data.preprocess import restore_probabilities
 
-    arr = restore_probabilities(probs, plan, reference)  # (K, z, y, x)
+    # arr: (K, z, y, x) uint8 on the reference grid, from Predictor.predict(probabilities=True)
     out = nib.Nifti1Image(np.ascontiguousarray(arr.transpose(3, 2, 1, 0)), nifti_affine(reference))
     out.header.set_slope_inter(1 / 255, 0.0)
     with atomic_write(path) as tmp:
@@ -150,11 +149,11 @@ def infer_many(
         t0 = time.perf_counter()
         try:
             images = [img for p in job.images for img in read_channels(p)]  # a 4D file: its channels
-            out = pred.predict(images, source=str(job.images[0]))
+            out = pred.predict(images, source=str(job.images[0]), probabilities=probabilities)
             write_label_like(out["labels"], job.images[0], images[0], job.output)
             prob_path = None
             if probabilities:
-                prob_path = _write_probabilities(out["probabilities"], pred.plan, images[0], job.output.with_name(job.output.name.replace("_seg", "_prob")))
+                prob_path = _write_probabilities(out["probabilities"], images[0], job.output.with_name(job.output.name.replace("_seg", "_prob")))
             sidecar = {
                 "input": [str(p) for p in job.images],
                 "output": str(job.output),

@@ -1,33 +1,53 @@
 """The predictor: one object used by validation during training and by ``volseg infer``.
 
-:meth:`Predictor.probabilities` runs sliding-window inference (MONAI ``SlidingWindowInferer``
-with Gaussian blending in 3D, ``SliceInferer`` slice by slice in 2D mode) over a preprocessed
-volume ``(C, X, Y, Z)`` and returns class probabilities ``(K, X, Y, Z)`` as float16 on the CPU.
-On CUDA the windows run under AMP; the stitching buffer goes to the GPU only when measured free
-memory holds it (logged). Large volumes are processed in overlapping slabs along the last axis,
-so the float32 stitching buffer never covers more than one slab.
-:meth:`Predictor.predict` takes SimpleITK images and returns label values on their own grid.
+The windows (MONAI's placement and Gaussian importance map, so the result equals
+``monai.inferers.sliding_window_inference`` on the whole volume) are computed **once each** and
+accumulated into a rolling buffer one window deep along z (:func:`rolling_windows`). As soon as
+the windows of one z row are done, the slab below the next row is final: it is normalised and
+handed on -- to the running argmax on the preprocessed grid (:meth:`Predictor.predict_index`,
+validation), to a float16 array (:meth:`Predictor.probabilities`) or, in
+:meth:`Predictor.predict`, straight to :class:`~volseg.data.preprocess.ScanRestorer`, which
+resamples it onto the scan's own grid with a running argmax. So nothing of size classes x
+volume exists, whatever the number of classes; :func:`plan_memory` sizes the buffers.
+
+Speed levers (``infer`` config). Exact: ``crop: windows`` (the default) skips windows that miss
+the body box (CT: > -500 HU on the raw scan, MRI: nonzero; background outside the box), the
+window batch (``batch_size``, shrunk by :func:`window_batch` for many classes), ``threads``,
+``torch.inference_mode`` always. Approximate (measured in benchmarks/README.md): ``crop: box``
+(tile the box only), ``window_scale`` > 1 and a lower ``overlap``. On CUDA the whole chain runs
+on the GPU: :func:`~volseg.data.preprocess.preprocess_torch`, the windows under AMP, the buffer
+and the restore on the device when measured free memory allows, else on the CPU (logged); a
+CUDA out-of-memory error retries the scan with CPU stitching.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..config import Config, ConfigError, InferConfig
-from ..data.preprocess import Plan, preprocess, restore_labels
+from ..data.preprocess import Plan, ScanRestorer, foreground_box, preprocess, preprocess_torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Predictor", "resolve_device", "largest_component"]
+__all__ = ["Predictor", "resolve_device", "largest_component", "rolling_windows", "plan_memory", "window_size"]
 
-# float32 stitching buffer budget per slab (bytes); beyond it the volume is split into slabs
-SLAB_BYTES = 512 * 1024**2
+Box = Tuple[Tuple[int, int], ...]  # half-open (start, stop) per axis of the preprocessed grid
+
+# bytes of one batch of window probabilities (B, K, *roi) float32 beyond which the batch shrinks:
+# with 100+ classes one 96^3 window alone holds 0.4 GB (and the logits as much again)
+WINDOW_BATCH_BYTES = 512 * 1024**2
+
+
+def window_batch(batch_size: int, out_channels: int, roi: Sequence[int]) -> int:
+    """Windows per network call: ``batch_size``, fewer where the batch's float32 probabilities
+    would exceed :data:`WINDOW_BATCH_BYTES` (at least one)."""
+    return max(1, min(batch_size, int(WINDOW_BATCH_BYTES // (out_channels * float(np.prod(roi)) * 4))))
 
 
 def resolve_device(device: str = "auto"):
@@ -60,10 +80,260 @@ def largest_component(index: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     return out
 
 
+def window_size(plan: Plan, scale: float = 1.0, shape: Optional[Sequence[int]] = None) -> Tuple[int, int, int]:
+    """The 3D inference window (voxels): the training patch times ``scale``, rounded to a
+    multiple of 8 and, for ``scale > 1``, no larger than ``shape`` (the volume) where the patch
+    fits in it, because a window larger than the volume is zero-padded, and zero is not air
+    after normalisation. In 2D slice mode a 1 is inserted at ``plan.slice_axis``."""
+    axes = [a for a in range(3) if plan.spatial_dims == 3 or a != plan.slice_axis]
+    roi = []
+    for p, a in zip(plan.patch_size, axes):
+        r = int(p) if scale == 1 else max(8, int(round(p * scale / 8)) * 8)
+        if shape is not None and scale > 1:
+            r = max(int(p), min(r, int(shape[a]) // 8 * 8))
+        roi.append(r)
+    if plan.spatial_dims == 2:
+        roi.insert(plan.slice_axis, 1)
+    return tuple(roi)
+
+
+# ---------------------------------------------------------------------------------------------
+# the rolling window engine
+
+
+def _ring(a: int, b: int, depth: int) -> List[Tuple[int, slice]]:
+    """Global z range ``[a, b)`` (b - a <= depth) as (global start, ring slice) pieces."""
+    out = []
+    while a < b:
+        r = a % depth
+        n = min(b - a, depth - r)
+        out.append((a, slice(r, r + n)))
+        a += n
+    return out
+
+
+def _windows(size: Sequence[int], roi: Sequence[int], overlap: float) -> np.ndarray:
+    """Window start corners ``(N, 3)``, placed exactly as MONAI's sliding_window_inference does
+    (its own functions), sorted by z."""
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    interval = _get_scan_interval(list(size), list(roi), 3, (overlap,) * 3)
+    starts = np.array([[s[0] for s in w] for w in dense_patch_slices(list(size), list(roi), interval, return_slice=False)])
+    return starts[np.argsort(starts[:, 2], kind="stable")]
+
+
+def _kept_windows(size: Sequence[int], roi: Sequence[int], overlap: float, keep: Optional[Box]) -> np.ndarray:
+    """MONAI's windows over ``size`` (padded volume), minus those that miss the box ``keep``."""
+    starts = _windows(size, roi, overlap)
+    if keep is not None:
+        hit = np.ones(len(starts), bool)
+        for a, (lo, hi) in enumerate(keep):
+            hit &= (starts[:, a] < hi) & (starts[:, a] + roi[a] > lo)
+        starts = starts[hit]
+    return starts
+
+
+def rolling_windows(x, net, roi: Sequence[int], overlap: float, blend: str, batch_size: int, out_channels: int, device, buffer_device,
+                    keep: Optional[Box] = None, binary: bool = False) -> Iterator[Tuple[int, int, list, Box]]:
+    """Sliding-window inference over ``x`` ``(C, X, Y, Z)`` that yields the result slab by slab.
+
+    Yields ``(z0, z1, parts, xy)``: ``parts`` are views ``(K, x1 - x0, y1 - y0, d)`` of the
+    normalised probabilities on the ``xy = ((x0, x1), (y0, y1))`` range that together cover
+    ``[z0, z1)`` in order (no parts: all background); they are overwritten once the generator
+    resumes, so copy what must be kept. Equals ``sliding_window_inference(x[None], roi,
+    batch_size, net, overlap, blend)`` (window placement, zero padding of a volume smaller than
+    ``roi``, importance map, weighted mean) up to float rounding, but each window is computed
+    once and the float32 buffer is ``(K, x, y, roi_z)`` plus its weight sum: MONAI's
+    ``buffer_steps`` also computes each window once but still allocates the whole
+    ``(K, X, Y, Z)`` float32 output, which is what breaks memory at 100+ classes.
+
+    ``keep``: a box (voxel ranges of ``x``); windows that miss it are skipped. Every voxel
+    inside the box keeps all its windows, so the result there is unchanged; voxels no window
+    covers are background (class 0 probability 1; a binary plan's foreground 0).
+    """
+    import torch
+    import torch.nn.functional as F
+    from monai.data.utils import compute_importance_map
+
+    size = list(x.shape[1:])
+    before = [max(r - n, 0) // 2 for r, n in zip(roi, size)]
+    pad = [max(r - n, 0) for r, n in zip(roi, size)]
+    if any(pad):
+        x = F.pad(x, [v for i in (2, 1, 0) for v in (before[i], pad[i] - before[i])])
+    keep_p = None if keep is None else [(a + b, c + b) for (a, c), b in zip(keep, before)]
+    starts = _kept_windows(x.shape[1:], roi, overlap, keep_p)
+    Z, depth = x.shape[3], roi[2]
+    if not len(starts):
+        yield 0, size[2], [], ((0, size[0]), (0, size[1]))
+        return
+    # the ring covers the kept windows' x/y extent only
+    lo = [int(starts[:, a].min()) for a in (0, 1)]
+    hi = [int(starts[:, a].max()) + roi[a] for a in (0, 1)]
+    weight = compute_importance_map(tuple(roi), mode=blend, device=device)
+    weight_buf = weight.to(buffer_device)
+    acc = torch.zeros((out_channels, hi[0] - lo[0], hi[1] - lo[1], depth), device=buffer_device)
+    wsum = torch.zeros((hi[0] - lo[0], hi[1] - lo[1], depth), device=buffer_device)
+    # what lies in the original volume: padded [lo, hi) ∩ [before, before + size)
+    inner = [(max(lo[a], before[a]), min(hi[a], before[a] + size[a])) for a in (0, 1)]
+    xy = tuple((a - before[i], b - before[i]) for i, (a, b) in enumerate(inner))
+    view = (slice(None),) + tuple(slice(a - lo[i], b - lo[i]) for i, (a, b) in enumerate(inner))
+
+    def clip(a, b):  # padded z range -> original, or None
+        a, b = max(a, before[2]), min(b, before[2] + size[2])
+        return (a - before[2], b - before[2]) if a < b else None
+
+    rows = sorted(set(starts[:, 2].tolist()))
+    if rows[0] > 0 and clip(0, rows[0]):
+        yield (*clip(0, rows[0]), [], xy)
+    for j, z in enumerate(rows):
+        row = starts[starts[:, 2] == z]
+        for b in range(0, len(row), batch_size):
+            chunk = row[b : b + batch_size]
+            win = torch.stack([x[:, sx : sx + roi[0], sy : sy + roi[1], z : z + depth] for sx, sy, _ in chunk]).to(device)
+            probs = net(win).mul_(weight).to(buffer_device)
+            for (sx, sy, _), p in zip(chunk, probs):
+                at = (slice(sx - lo[0], sx - lo[0] + roi[0]), slice(sy - lo[1], sy - lo[1] + roi[1]))
+                for g, r in _ring(z, z + depth, depth):
+                    src = slice(g - z, g - z + r.stop - r.start)
+                    acc[(slice(None),) + at + (r,)] += p[..., src]
+                    wsum[at + (r,)] += weight_buf[..., src]
+            del win, probs
+        nxt = rows[j + 1] if j + 1 < len(rows) else Z
+        yield from _emit(acc, wsum, z, min(nxt, z + depth), depth, before[2], before[2] + size[2], view, xy, binary)
+        if nxt > z + depth and clip(z + depth, nxt):  # skipped rows: nothing computed there
+            yield (*clip(z + depth, nxt), [], xy)
+
+
+def _emit(acc, wsum, a: int, b: int, depth: int, zoff: int, zmax: int, view, xy, binary: bool):
+    """Normalise the ring slices of padded z range ``[a, b)``, yield the part inside the volume
+    (padded ``[zoff, zmax)``) as original z, then clear them for the next windows. Voxels
+    without a window become background."""
+    pieces = _ring(a, b, depth)
+    for _, r in pieces:
+        empty = wsum[..., r] == 0
+        acc[..., r] /= wsum[..., r].clamp_min(1e-20)
+        if not binary and bool(empty.any()):
+            acc[0, ..., r][empty] = 1.0
+    lo, hi = max(a, zoff), min(b, zmax)
+    if lo < hi:
+        parts = []
+        for g, r in pieces:
+            s, e = max(g, lo), min(g + r.stop - r.start, hi)
+            if s < e:
+                parts.append(acc[view + (slice(r.start + s - g, r.start + e - g),)])
+        yield lo - zoff, hi - zoff, parts, xy
+    for _, r in pieces:
+        acc[..., r] = 0
+        wsum[..., r] = 0
+
+
+@dataclass
+class Slab:
+    """Probabilities of preprocessed slices ``[z0, z1)``: ``parts`` (see :func:`rolling_windows`)
+    cover the x/y ranges ``xy``; outside them, outside the body box ``keep`` (when given) and
+    everywhere when ``parts`` is empty, the voxel is background (class 0 probability 1; a
+    binary plan's foreground 0)."""
+
+    z0: int
+    z1: int
+    parts: list
+    xy: Box
+    shape: Tuple[int, int]
+    binary: bool
+    device: object = "cpu"
+    keep: Optional[Box] = None
+
+    def channel(self, c: int):
+        """Class ``c`` as a float32 tensor ``(X, Y, z1 - z0)`` on the whole preprocessed x/y grid."""
+        import torch
+
+        bg = float(c == 0 and not self.binary)
+        device = self.parts[0].device if self.parts else self.device
+        inner = torch.cat([p[c] for p in self.parts], -1) if self.parts else None
+        (x0, x1), (y0, y1) = self.xy
+        if inner is not None and self.keep is None and (x0, x1, y0, y1) == (0, self.shape[0], 0, self.shape[1]):
+            return inner
+        out = torch.full((*self.shape, self.z1 - self.z0), bg, device=device)
+        if inner is not None:
+            out[x0:x1, y0:y1] = inner
+        if self.keep is not None:
+            (a0, a1), (b0, b1), (c0, c1) = self.keep
+            for sl in ((slice(None, a0),), (slice(a1, None),), (slice(None), slice(None, b0)), (slice(None), slice(b1, None)),
+                       (Ellipsis, slice(None, max(0, c0 - self.z0))), (Ellipsis, slice(max(0, c1 - self.z0), None))):
+                out[sl] = bg
+        return out
+
+    def index(self):
+        """Class indices ``(X, Y, z1 - z0)`` uint8 (argmax; a binary plan: probability > 0.5)."""
+        import torch
+
+        if self.binary:
+            return (self.channel(0) > 0.5).to(torch.uint8)
+        best = self.channel(0).clone()
+        index = torch.zeros(best.shape, dtype=torch.uint8, device=best.device)
+        for c in range(1, len(self.parts[0]) if self.parts else 1):
+            p = self.channel(c)
+            index.masked_fill_(p > best, c)
+            torch.maximum(best, p, out=best)
+        return index
+
+
+def plan_memory(scan_shape: Sequence[int], scan_spacing: Sequence[float], plan_spacing: Sequence[float], out_channels: int, roi: Sequence[int],
+                overlap: float = 0.5, batch_size: int = 4, in_channels: int = 1, crop: Sequence[float] = (1.0, 1.0, 1.0), probabilities: bool = False) -> Dict[str, float]:
+    """Bytes of the main buffers of one :meth:`Predictor.predict` call, by part, and their
+    ``total``: a lower bound (network activations, the reader's and SimpleITK's copies and
+    library temporaries come on top). ``scan_shape``/spacings in canonical (x, y, z) order;
+    ``crop``: the fraction of each preprocessed axis inside the body box.
+
+    * ``scan``: the scan as float32 (preprocessing casts it) and the label map (1 byte/voxel)
+    * ``image``: the preprocessed ``(C, X, Y, Z)`` float32 volume
+    * ``ring``: the stitching buffer ``(K, x, y, roi_z)`` float32 and its weight sum: one
+      window deep along z, whatever the volume's depth
+    * ``windows``: one batch of window logits and probabilities ``(B, K, *roi)`` float32, B from
+      :func:`window_batch`
+    * ``restore``: one class of one slab on the scan grid (source, interpolated, running max,
+      float32) and the slab's last slice of every class
+    * ``probabilities``: ``(K, z, y, x)`` uint8 on the scan grid, only when asked for
+    """
+    scan = float(np.prod(scan_shape))
+    pre = [max(1, int(round(n * s / t))) for n, s, t in zip(scan_shape, scan_spacing, plan_spacing)]
+    box = [max(1, int(round(n * f))) for n, f in zip(pre, crop)]
+    k = out_channels
+    step = max(1, int(roi[2] * (1 - overlap)))
+    slab_scan = float(scan_shape[0] * scan_shape[1]) * (step * plan_spacing[2] / scan_spacing[2] + 2)
+    parts = {
+        "scan": scan * 5,
+        "image": in_channels * float(np.prod(pre)) * 4,
+        "ring": (k + 1) * float(box[0] * box[1]) * roi[2] * 4,
+        "windows": 2 * window_batch(batch_size, k, roi) * k * float(np.prod(roi)) * 4,
+        "restore": 3 * slab_scan * 4 + k * float(pre[0] * pre[1]) * 4,
+        "probabilities": k * scan if probabilities else 0.0,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _widen(shape: Sequence[int], box: Box, roi: Sequence[int]) -> Box:
+    """``box`` widened (within the volume) to at least one window per axis: a window larger
+    than the volume it tiles is zero-padded, and zero is not air after normalisation."""
+    out = []
+    for n, r, (a, b) in zip(shape, roi, box):
+        a = max(0, a - (max(0, min(r, n) - (b - a)) + 1) // 2)
+        out.append((a, min(n, max(b, a + min(r, n)))))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# the predictor
+
+
 class Predictor:
     """Sliding-window predictor for a trained network and its preprocessing plan."""
 
     def __init__(self, model, plan: Plan, infer: InferConfig = InferConfig(), device: str = "auto", progress: bool = False):
+        import torch
+
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model = model.to(self.device).eval()
         self.plan = plan
@@ -73,6 +343,9 @@ class Predictor:
         if set(infer.largest_component) - set(valid):
             raise ConfigError(f"infer.largest_component={list(infer.largest_component)}: label values {sorted(set(infer.largest_component) - set(valid))} are not foreground labels of this model; valid: {valid}.")
         self.run_info: dict = {}
+        if infer.threads:
+            torch.set_num_threads(infer.threads)
+            log.info("torch threads: %d", infer.threads)
 
     # -- construction from a run folder ---------------------------------------------------------
     @classmethod
@@ -110,33 +383,33 @@ class Predictor:
             pred.run_info["warnings"] = notes
         return pred
 
-    # -- core --------------------------------------------------------------------------------
-    def _inferer(self, buffer_device):
-        from monai.inferers import SliceInferer, SlidingWindowInferer
-
-        kw = dict(
-            roi_size=list(self.plan.patch_size),
-            sw_batch_size=self.infer.batch_size,
-            overlap=self.infer.overlap,
-            mode=self.infer.blend,
-            sw_device=self.device,
-            device=buffer_device,
-            progress=self.progress,
-        )
+    # -- the network on a batch of windows ----------------------------------------------------------
+    def _forward(self, x):
+        """(B, C, *roi) -> (B, K, *roi) logits; in 2D slice mode the unit window axis is
+        squeezed for the 2D network (as MONAI's SliceInferer does)."""
         if self.plan.spatial_dims == 2:
-            return SliceInferer(spatial_dim=self.plan.slice_axis, **kw)
-        return SlidingWindowInferer(**kw)
+            return self.model(x.squeeze(2 + self.plan.slice_axis)).unsqueeze(2 + self.plan.slice_axis)
+        return self.model(x)
 
     def _net(self, x):
+        """Window batch -> probabilities (float32), averaged over the mirrored copies with TTA
+        (each window is mirrored on its own, as nnU-Net does, so the rolling order holds)."""
         import torch
 
-        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-            logits = self.model(x)
-        logits = logits.float()
-        return torch.sigmoid(logits) if self.plan.binary else torch.softmax(logits, 1)
+        flips = self._flips()
+        acc = None
+        for axes in flips:
+            with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+                logits = self._forward(torch.flip(x, axes) if axes else x)
+            p = torch.sigmoid(logits.float()) if self.plan.binary else torch.softmax(logits.float(), 1)
+            p = torch.flip(p, axes) if axes else p
+            acc = p if acc is None else acc.add_(p)
+        return acc / len(flips) if len(flips) > 1 else acc
 
     def _flips(self) -> List[tuple]:
         """Mirroring TTA axes (tensor dims of a (B, C, *spatial) batch)."""
+        import itertools
+
         if not self.infer.tta:
             return [()]
         axes = [2, 3, 4]
@@ -144,66 +417,77 @@ class Predictor:
             axes.remove(2 + self.plan.slice_axis)
         return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
-    def _buffer_device(self, nbytes: int):
+    # -- stitching ----------------------------------------------------------------------------
+    def _buffer_device(self, shape: Sequence[int], roi: Sequence[int]):
+        """Where the ring buffer and the restore live: the GPU when measured free memory holds
+        the buffers of :func:`plan_memory` twice over (activations need room too), else the CPU."""
         import torch
 
         if self.device.type != "cuda":
             return self.device
         free, _ = torch.cuda.mem_get_info(self.device)
-        # leave room for the network's activations and a second buffer (the count map)
-        fits = 2.5 * nbytes < free
-        log.info("stitching buffer %.2f GiB on %s (GPU free %.2f GiB)", nbytes / 2**30, "GPU" if fits else "CPU", free / 2**30)
+        k = self.plan.out_channels
+        need = (k + 1) * shape[0] * shape[1] * roi[2] * 4 + 2 * window_batch(self.infer.batch_size, k, roi) * k * float(np.prod(roi)) * 4
+        fits = 2 * need < free
+        log.info("stitching buffer %.2f GiB on %s (GPU free %.2f GiB)", need / 2**30, "GPU" if fits else "CPU", free / 2**30)
         return self.device if fits else torch.device("cpu")
 
-    def probabilities(self, image) -> "np.ndarray":
-        """``image``: preprocessed ``(C, X, Y, Z)`` array or tensor -> ``(K, X, Y, Z)`` float16."""
+    def slabs(self, image, box: Optional[Box] = None, buffer_device=None) -> Iterator[Slab]:
+        """Preprocessed ``(C, X, Y, Z)`` -> :class:`Slab` s covering z in order; background
+        outside ``box`` (a body box). ``infer.crop``: ``windows`` skips the windows that miss the
+        box (inside it the result is unchanged); ``box`` tiles only the box (widened to one
+        window where needed), fewer windows but placed differently: approximate. Consume each
+        slab before asking for the next."""
         import torch
         from monai.networks import eval_mode
 
-        x = torch.as_tensor(np.asarray(image), dtype=torch.float32)
+        x = image.float() if torch.is_tensor(image) else torch.as_tensor(np.asarray(image), dtype=torch.float32)
         if x.ndim != 4:
             raise ValueError(f"expected a preprocessed (C, X, Y, Z) volume, got shape {tuple(x.shape)}")
-        k = self.plan.out_channels
-        X, Y, Z = x.shape[1:]
-        out = np.empty((k, X, Y, Z), np.float16)
-        # slab depth along Z so that a float32 K-channel buffer, margins included, stays under
-        # SLAB_BYTES (at least one window deep)
-        roi_z = self.plan.patch_size[-1] if self.plan.spatial_dims == 3 else 1
-        margin = roi_z // 2 if self.plan.spatial_dims == 3 else 0
-        depth = max(roi_z, int(SLAB_BYTES // max(1, k * X * Y * 4)) - 2 * margin)
-        if self.plan.spatial_dims == 2 and self.plan.slice_axis != 2:
-            depth = Z  # 2D windows span Z: no slabs
-        buffer_device = self._buffer_device(k * X * Y * min(Z, depth + 2 * margin) * 4)
-        inferer = self._inferer(buffer_device)
-        flips = self._flips()
-        starts = list(range(0, Z, depth))
-        # eval mode for this call only (validation calls it on a training network; the
-        # previous mode is restored): no dropout, no batch-norm statistics updates, one output
+        shape = tuple(x.shape[1:])
+        tile = box if box is not None and self.infer.crop == "box" else None
+        if tile is not None:
+            tile = _widen(shape, tile, window_size(self.plan, self.infer.window_scale, [b - a for a, b in tile]))
+            x = x[:, tile[0][0] : tile[0][1], tile[1][0] : tile[1][1], tile[2][0] : tile[2][1]]
+        off = [a for a, _ in tile] if tile else [0, 0, 0]
+        roi = window_size(self.plan, self.infer.window_scale, tuple(x.shape[1:]))
+        buffer_device = buffer_device or self._buffer_device(x.shape[1:], roi)
+        make = lambda z0, z1, parts, xy: Slab(z0, z1, parts, xy, shape[:2], self.plan.binary, buffer_device, box)  # noqa: E731
+        # eval mode for this call only (validation calls it on a training network; the previous
+        # mode is restored): no dropout, no batch-norm statistics updates, one output
         with eval_mode(self.model), torch.inference_mode():
-            for z0 in starts:
-                z1 = min(Z, z0 + depth)
-                a, b = max(0, z0 - margin), min(Z, z1 + margin)
-                slab = x[None, ..., a:b].to(self.device)
-                acc = None
-                for axes in flips:
-                    inp = torch.flip(slab, axes) if axes else slab
-                    p = inferer(inp, self._net)
-                    p = torch.flip(p, axes) if axes else p
-                    if acc is None:
-                        acc = p
-                    else:
-                        acc += p
-                    del p, inp
-                if len(flips) > 1:
-                    acc /= len(flips)
-                out[..., z0:z1] = acc[0, ..., z0 - a : z1 - a].to("cpu", torch.float16).numpy()
-                del acc, slab  # free this slab's buffers before the next one is allocated
+            if off[2] > 0:
+                yield make(0, off[2], [], ((0, 1), (0, 1)))
+            batch = window_batch(self.infer.batch_size, self.plan.out_channels, roi)
+            if batch < self.infer.batch_size:
+                log.info("window batch %d -> %d: %d classes x %s voxels per window", self.infer.batch_size, batch, self.plan.out_channels, list(roi))
+            for z0, z1, parts, xy in rolling_windows(x, self._net, roi, self.infer.overlap, self.infer.blend, batch,
+                                                     self.plan.out_channels, self.device, buffer_device, None if tile else box, self.plan.binary):
+                yield make(z0 + off[2], z1 + off[2], parts, tuple((a + o, b + o) for (a, b), o in zip(xy, off)))
+            if off[2] + x.shape[3] < shape[2]:
+                yield make(off[2] + x.shape[3], shape[2], [], ((0, 1), (0, 1)))
+
+    # -- public -------------------------------------------------------------------------------
+    def probabilities(self, image, box: Optional[Box] = None) -> "np.ndarray":
+        """``image``: preprocessed ``(C, X, Y, Z)`` array or tensor -> ``(K, X, Y, Z)`` float16
+        (2 bytes x classes x voxels: use :meth:`predict` or :meth:`predict_index` where only
+        labels are needed)."""
+        import torch
+
+        shape = tuple(np.shape(image))[1:]
+        out = np.empty((self.plan.out_channels, *shape), np.float16)
+        for slab in self.slabs(image, box):
+            for c in range(self.plan.out_channels):
+                out[c, ..., slab.z0 : slab.z1] = slab.channel(c).to("cpu", torch.float16).numpy()
         return out
 
-    def predict_index(self, image) -> np.ndarray:
-        """Class indices ``(X, Y, Z)`` uint8 on the preprocessed grid (used by validation)."""
-        probs = self.probabilities(image)
-        index = (probs[0] > 0.5).astype(np.uint8) if self.plan.binary else probs.argmax(0).astype(np.uint8)
+    def predict_index(self, image, box: Optional[Box] = None) -> np.ndarray:
+        """Class indices ``(X, Y, Z)`` uint8 on the preprocessed grid (used by validation); a
+        running argmax per slab, so no classes x volume array is made."""
+        shape = tuple(np.shape(image))[1:]
+        index = np.zeros(shape, np.uint8)
+        for slab in self.slabs(image, box):
+            index[..., slab.z0 : slab.z1] = slab.index().cpu().numpy()
         return self._postprocess(index)
 
     def _postprocess(self, index: np.ndarray) -> np.ndarray:
@@ -211,23 +495,55 @@ class Predictor:
         wanted = [values.index(v) for v in self.infer.largest_component if v in values]
         return largest_component(index, wanted)
 
-    def predict(self, images: Sequence, source: str = "") -> dict:
-        """SimpleITK image(s) (one per channel) -> ``{"labels": [z,y,x] label values on the
-        input grid, "probabilities": (K, X, Y, Z) float16 on the preprocessed grid, "timing": s}``."""
+    def predict(self, images: Sequence, source: str = "", probabilities: bool = False) -> dict:
+        """SimpleITK image(s) (one per channel) -> ``{"labels": [z, y, x] label values on the
+        input grid, "timing": s, "box": the body crop on the preprocessed grid or None}`` and,
+        with ``probabilities=True``, ``"probabilities": (K, z, y, x)`` uint8 (x 1/255) on the
+        input grid (K bytes per scan voxel)."""
+        import torch
+
         t0 = time.perf_counter()
-        pre = preprocess(images, self.plan, source=source)
+        if self.device.type == "cuda":  # the whole chain on the GPU (on a CPU, SimpleITK's C++ is faster)
+            image = preprocess_torch(images, self.plan, self.device, source=source)
+        else:
+            image = preprocess(images, self.plan, source=source)["image"]
+        box = self._crop(images, source)
         t1 = time.perf_counter()
-        probs = self.probabilities(pre["image"])
+        try:
+            restorer, restore_s = self._stream(image, box, images[0], probabilities, None)
+        except torch.cuda.OutOfMemoryError:
+            log.warning("%s: CUDA out of memory while stitching; retrying with the buffer and restore on the CPU", source or "scan")
+            torch.cuda.empty_cache()
+            restorer, restore_s = self._stream(image, box, images[0], probabilities, torch.device("cpu"))
+        labels = restorer.labels()
         t2 = time.perf_counter()
-        labels = restore_labels(probs, self.plan, images[0])
         if self.infer.largest_component:
             values = np.asarray(self.plan.label_values)
             index = np.searchsorted(values, labels).astype(np.uint8)
             labels = values.astype(labels.dtype)[self._postprocess(index)]
         t3 = time.perf_counter()
-        return {
-            "labels": labels,
-            "probabilities": probs,
-            "timing": {"preprocess_s": t1 - t0, "network_s": t2 - t1, "restore_s": t3 - t2},
-        }
+        out = {"labels": labels, "box": box,
+               "timing": {"preprocess_s": t1 - t0, "network_s": t2 - t1 - restore_s, "restore_s": restore_s + t3 - t2}}
+        if probabilities:
+            out["probabilities"] = restorer.probabilities
+        return out
 
+    def _crop(self, images: Sequence, source: str) -> Optional[Box]:
+        if self.infer.crop == "none":
+            return None
+        box = foreground_box(images, self.plan, self.infer.crop_margin)
+        if box is None:
+            log.warning("%s: no body voxels found (CT > -500 HU / nonzero); segmenting the whole scan", source or "scan")
+        return box
+
+    def _stream(self, image, box, reference, probabilities: bool, buffer_device):
+        """Slabs -> :class:`ScanRestorer`; returns it and the seconds spent restoring."""
+        shape = tuple(np.shape(image))[1:]
+        device = buffer_device or self._buffer_device(shape, window_size(self.plan, self.infer.window_scale, shape))  # an upper bound
+        restorer = ScanRestorer(self.plan, reference, probabilities=probabilities, device=device)
+        restore_s = 0.0
+        for slab in self.slabs(image, box, device):
+            t = time.perf_counter()
+            restorer.add(slab.z0, slab.z1, slab.channel)
+            restore_s += time.perf_counter() - t
+        return restorer, restore_s

@@ -117,6 +117,9 @@ class DataConfig:
     out ``val_fraction`` instead. A manifest's explicit ``validation`` list wins over both.
     ``class_ratios``: relative sampling frequency of patch centres per label value (background
     first); ``None`` means background 1 and every foreground class 1.
+    ``cache``: ``memory`` | ``disk`` | ``none`` (see :mod:`volseg.training.data`); ``cache_dir``:
+    where ``disk`` caches live (``None``: ``volseg_cache/`` beside the run folder), one subfolder
+    per preprocessing plan, shared by runs with the same plan.
     """
 
     patch_size: Tuple[int, ...] = (64, 64, 64)
@@ -131,6 +134,7 @@ class DataConfig:
     fold: int = 0
     min_cases: int = 2
     cache: str = "memory"
+    cache_dir: Optional[str] = None
     num_workers: int = 0
 
     def __post_init__(self) -> None:

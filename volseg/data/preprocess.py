@@ -141,6 +141,7 @@ def make_plan(manifest: Manifest, cases: Sequence[Case], cfg: Config, max_sample
     rng = np.random.default_rng(seed)
     spacings, shapes = [], []
     fg: List[List[np.ndarray]] = [[] for _ in manifest.modalities]
+    labelled = 0  # cases with any foreground voxel
     for case in cases:
         images, label = load_case(case)
         canon = to_canonical(images[0], cfg.data.orientation)
@@ -148,6 +149,7 @@ def make_plan(manifest: Manifest, cases: Sequence[Case], cfg: Config, max_sample
         shapes.append(np.array(canon.GetSize()) * np.array(canon.GetSpacing()))  # extent, mm
         if label is not None:
             mask = sitk.GetArrayViewFromImage(label) > 0
+            labelled += bool(mask.any())
             for c, img in enumerate(images):
                 vals = sitk.GetArrayViewFromImage(img)[mask]
                 if vals.size > max_samples // max(1, len(cases)):
@@ -169,6 +171,9 @@ def make_plan(manifest: Manifest, cases: Sequence[Case], cfg: Config, max_sample
             norms.append(ChannelNorm("ct", float(lo), float(hi), float(clipped.mean()), float(max(clipped.std(), 1e-6))))
         else:
             norms.append(ChannelNorm(scheme))
+    if labelled == 0:
+        log.warning("none of the %d training cases has a foreground voxel in its label map: the network can only learn "
+                    "background; check the manifest's label files", len(cases))
     values = sorted(manifest.labels)
     return Plan(
         spacing=spacing,

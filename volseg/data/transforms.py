@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 from ..config import AugmentConfig, Config
 from .preprocess import Plan
 
-__all__ = ["cached_transforms", "random_transforms", "class_ratios", "crop_size"]
+__all__ = ["cached_transforms", "random_transforms", "class_ratios", "crop_size", "elastic_2d_params"]
 
 
 def class_ratios(plan: Plan, ratios: Optional[Sequence[float]]) -> list:
@@ -74,35 +74,7 @@ def random_transforms(plan: Plan, cfg: Config, num_samples: int):
     ]
     if dims == 2:
         chain.append(T.SqueezeDimd(keys=keys, dim=plan.slice_axis + 1, update_meta=False))
-    rot = math.radians(a.rotate_range_deg)
-    if a.rotate_prob > 0 or a.scale_prob > 0:
-        # one resampling for rotation and scaling: probability that at least one applies
-        prob = 1 - (1 - a.rotate_prob) * (1 - a.scale_prob)
-        chain.append(
-            T.RandAffined(
-                keys=keys,
-                prob=prob,
-                rotate_range=[rot] * (3 if dims == 3 else 1) if a.rotate_prob > 0 else None,
-                scale_range=[a.scale_range] * dims if a.scale_prob > 0 else None,
-                mode=("bilinear", "nearest"),
-                padding_mode="border",
-            )
-        )
-    if a.elastic_prob > 0:
-        if dims == 3:
-            chain.append(
-                T.Rand3DElasticd(
-                    keys=keys, prob=a.elastic_prob, sigma_range=a.elastic_sigma, magnitude_range=a.elastic_magnitude,
-                    mode=("bilinear", "nearest"), padding_mode="border",
-                )
-            )
-        else:
-            chain.append(
-                T.Rand2DElasticd(
-                    keys=keys, prob=a.elastic_prob, spacing=(a.elastic_sigma[1] * 4,) * 2, magnitude_range=(1.0, 2.0),
-                    mode=("bilinear", "nearest"), padding_mode="border",
-                )
-            )
+    chain += _geometric(a, dims)
     if a.flip_prob > 0:
         chain.extend(T.RandFlipd(keys=keys, prob=a.flip_prob, spatial_axis=i) for i in range(dims))
     chain += [
@@ -116,3 +88,51 @@ def random_transforms(plan: Plan, cfg: Config, num_samples: int):
         T.EnsureTyped(keys=keys, track_meta=False),
     ]
     return T.Compose(chain)
+
+
+def _geometric(a: AugmentConfig, dims: int) -> list:
+    """Rotation, scaling and elastic deformation, each firing with its own probability.
+
+    Rotation and scaling are two ``RandAffined`` so that each fires with exactly its own
+    probability (one merged affine fired with 1 - (1 - p_rot)(1 - p_scale)); both fire on
+    p_rot x p_scale of the patches (9% by default), which then resample twice.
+    In 2D, MONAI's ``Rand2DElasticd`` moves a B-spline control grid instead of smoothing voxel
+    noise as ``Rand3DElasticd`` does; :func:`elastic_2d_params` maps ``augment.elastic_sigma``
+    and ``augment.elastic_magnitude`` onto it so both give about the same displacements."""
+    import monai.transforms as T
+
+    keys, modes = ["image", "label"], ("bilinear", "nearest")
+    chain = []
+    if a.rotate_prob > 0 and a.rotate_range_deg > 0:
+        rot = math.radians(a.rotate_range_deg)
+        chain.append(T.RandAffined(keys=keys, prob=a.rotate_prob, rotate_range=[rot] * (3 if dims == 3 else 1), mode=modes, padding_mode="border"))
+    if a.scale_prob > 0 and a.scale_range > 0:
+        chain.append(T.RandAffined(keys=keys, prob=a.scale_prob, scale_range=[a.scale_range] * dims, mode=modes, padding_mode="border"))
+    if a.elastic_prob > 0:
+        if dims == 3:
+            chain.append(T.Rand3DElasticd(keys=keys, prob=a.elastic_prob, sigma_range=a.elastic_sigma, magnitude_range=a.elastic_magnitude,
+                                          mode=modes, padding_mode="border"))
+        else:
+            spacing, magnitude = elastic_2d_params(a)
+            chain.append(T.Rand2DElasticd(keys=keys, prob=a.elastic_prob, spacing=spacing, magnitude_range=magnitude,
+                                          mode=modes, padding_mode="border"))
+    return chain
+
+
+def elastic_2d_params(a: AugmentConfig):
+    """``(spacing, magnitude_range)`` of ``Rand2DElasticd`` equivalent to the 3D settings.
+
+    ``Rand3DElasticd`` smooths uniform(-1, 1) noise (variance 1/3) with a Gaussian of sigma s
+    voxels and multiplies by m, so a displacement has standard deviation
+    ``m * sqrt(1/3) / (2 sqrt(pi) s) ** 1.5`` voxels (a normalised 3D Gaussian's squared sum).
+    ``Rand2DElasticd`` draws N(0, 1) x m offsets on a control grid: the grid spacing is the
+    Gaussian's width (4 s, mean sigma) and the magnitude range spans the 3D displacements
+    (weakest: small m, large s; strongest: large m, small s)."""
+
+    def std(m: float, s: float) -> float:
+        return m * math.sqrt(1 / 3) / (2 * math.sqrt(math.pi) * s) ** 1.5
+
+    s0, s1 = a.elastic_sigma
+    m0, m1 = a.elastic_magnitude
+    spacing = max(2.0, 4 * (s0 + s1) / 2)
+    return (spacing, spacing), (std(m0, s1), std(m1, s0))

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..config import Config, InferConfig, from_dict
+from ..config import Config, InferConfig
 from ..data.preprocess import Plan, preprocess, restore_labels
 
 log = logging.getLogger(__name__)
@@ -75,31 +75,36 @@ class Predictor:
     @classmethod
     def from_run(cls, run_dir: Union[str, Path], device: str = "auto", checkpoint: str = "best", overrides: Optional[dict] = None, progress: bool = False) -> "Predictor":
         """Rebuild network, plan and inference settings from a run folder (nothing else needed).
-        ``overrides``: keys of the ``infer`` section, e.g. ``{"overlap": 0.25, "tta": True}``."""
-        import torch
-        import yaml
-
+        ``overrides``: keys of the ``infer`` section, e.g. ``{"overlap": 0.25, "tta": True}``.
+        A missing ``best.pt`` falls back to ``last.pt`` with a logged warning, recorded in
+        ``run_info["warnings"]``. The checkpoint is loaded with ``weights_only=True``: one that
+        would run code, or a corrupt config, plan or checkpoint, is a ``RunFolderError`` naming
+        the file."""
         from ..nets import build_network
+        from ..training.run_folder import checkpoint_path, load_checkpoint, read_config, read_plan
 
         run = Path(run_dir)
+        ckpt, notes = checkpoint_path(run, checkpoint)
         missing = [n for n in ("config.yaml", "plan.json") if not (run / n).is_file()]
-        ckpt = run / f"{checkpoint}.pt"
-        if not ckpt.is_file() and checkpoint == "best":
-            ckpt = run / "last.pt"
         if not ckpt.is_file():
-            missing.append(f"{checkpoint}.pt")
+            missing.append(f"{checkpoint}.pt" + (" (and last.pt)" if checkpoint == "best" else ""))
         if missing:
             raise FileNotFoundError(f"{run} is not a complete volseg run folder: missing {missing}.")
-        data = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
-        if overrides:
-            data.setdefault("infer", {}).update(overrides)
-        cfg: Config = from_dict(data)
-        plan = Plan.from_json((run / "plan.json").read_text(encoding="utf-8"))
+        cfg: Config = read_config(run, {"infer": overrides} if overrides else None)
+        plan = read_plan(run)
+        state = load_checkpoint(ckpt)
         model = build_network(cfg.model, len(plan.channels), plan.out_channels)
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            from ..training.run_folder import RunFolderError
+
+            raise RunFolderError(f"{ckpt}: weights do not match {run / 'config.yaml'} ({str(exc).splitlines()[0][:160]}); "
+                                 "restore the run folder's files together or retrain.") from None
         pred = cls(model, plan, cfg.infer, device, progress=progress)
         pred.run_info = {"run": str(run.resolve()), "checkpoint": ckpt.name, "epoch": state.get("epoch")}
+        if notes:
+            pred.run_info["warnings"] = notes
         return pred
 
     # -- core --------------------------------------------------------------------------------
@@ -150,6 +155,7 @@ class Predictor:
     def probabilities(self, image) -> "np.ndarray":
         """``image``: preprocessed ``(C, X, Y, Z)`` array or tensor -> ``(K, X, Y, Z)`` float16."""
         import torch
+        from monai.networks import eval_mode
 
         x = torch.as_tensor(np.asarray(image), dtype=torch.float32)
         if x.ndim != 4:
@@ -168,7 +174,9 @@ class Predictor:
         inferer = self._inferer(buffer_device)
         flips = self._flips()
         starts = list(range(0, Z, depth))
-        with torch.inference_mode():
+        # eval mode for this call only (validation calls it on a training network; the
+        # previous mode is restored): no dropout, no batch-norm statistics updates, one output
+        with eval_mode(self.model), torch.inference_mode():
             for z0 in starts:
                 z1 = min(Z, z0 + depth)
                 a, b = max(0, z0 - margin), min(Z, z1 + margin)

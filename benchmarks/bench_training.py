@@ -184,6 +184,8 @@ def _run_loop(job: dict) -> dict:
     loss_fn = _loss(plan, cfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=t.epochs * t.steps_per_epoch, power=t.poly_power)
+    amp = t.amp and dev.type == "cuda"
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp)
     it = iter(loader)  # epoch 1's iterator is made before the first batch request, as in ignite
     for epoch in range(1, t.epochs + 1):
         for _ in range(t.steps_per_epoch):
@@ -196,11 +198,15 @@ def _run_loop(job: dict) -> dict:
             clock.batch_ready()
             x, y = data["image"].to(dev), data["label"].to(dev).float()
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            loss.backward()
+            with torch.autocast(dev.type, enabled=amp):  # volseg's train.amp, on CUDA only
+                out = model(x)
+            loss = loss_fn([o.float() for o in out] if isinstance(out, (list, tuple)) else out.float(), y)
+            scaler.scale(loss).backward()
             if t.grad_clip > 0:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             loss.item()  # synchronises on CUDA
             clock.step_done(epoch)
@@ -311,13 +317,22 @@ def summarize(result: dict) -> dict:
         "main_rss_mib": result["main_rss_mib"],
         "worker_rss_mib": result.get("worker_rss_mib"),
         "first_epoch_s_per_step": statistics.fmean(s["step_s"] for s in first) if first else float("nan"),
+        "csv_wait_fraction": _csv_wait_fraction(result.get("metrics_csv")),
     }
+
+
+def _csv_wait_fraction(rows: Optional[List[dict]]) -> Optional[float]:
+    """Data wait / training time over epochs 2..N as volseg's own metrics.csv records them
+    (``data_wait_s``, ``train_s``), a cross-check of the clock above; None if not recorded."""
+    rows = [r for r in rows or [] if int(r["epoch"]) > 1 and r.get("data_wait_s") and r.get("train_s")]
+    return sum(float(r["data_wait_s"]) for r in rows) / sum(float(r["train_s"]) for r in rows) if rows else None
 
 
 ROWS = (
     ("s/step (median, epochs 2..N)", "s_per_step", "{:.3f}"),
     ("  mean s/step", "mean_s_per_step", "{:.3f}"),
     ("data wait / step time", "wait_fraction", "{:.1%}"),
+    ("  as volseg's metrics.csv says", "csv_wait_fraction", "{:.1%}"),
     ("epoch 1 / later epoch", "first_epoch_ratio", "{:.2f}"),
     ("set-up before step 1 (s)", "setup_s", "{:.1f}"),
     ("peak RSS, training (MiB)", "main_rss_mib", "{:.0f}"),

@@ -310,7 +310,8 @@ def evaluate(
     naming both files.
 
     ``output``: folder that receives ``metrics.csv`` (one row per case x class, NaN written as
-    ``nan``) and ``summary.json`` (see :func:`summarize`), both written atomically.
+    ``nan``; case file paths relative to ``output``, so :func:`load_results` finds them from any
+    working directory) and ``summary.json`` (see :func:`summarize`), both written atomically.
     """
     pred, truth = Path(pred), Path(truth)
     label_map = _labels_from(labels)

@@ -28,6 +28,9 @@ def test_unknown_key_names_key_and_valid_ones():
         ("augment.flip_prob=2", "probability"),
         ("data.patch_size=[64,64]", "spatial"),
         ("train.epochs=abc", "integer"),
+        ("train.lr=nan", "finite"),
+        ("train.lr=.inf", "finite"),
+        ("augment.noise_std=inf", "finite"),
     ],
 )
 def test_bad_values_rejected(override, fragment):

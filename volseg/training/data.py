@@ -13,7 +13,8 @@ augmentations run per step. ``data.cache``:
   ``weights_only=True``) under ``data.cache_dir`` (default: ``volseg_cache/`` beside the run
   folder, so runs in one parent folder share it), in a subfolder named by a hash of the plan JSON
   and :data:`CACHE_VERSION`, then ``train/`` and ``val/``. A second run with the same plan reuses
-  them and preprocesses nothing; a case file changed since (size or mtime) is preprocessed again.
+  them and preprocesses nothing; a case file changed since (size or mtime; not checked inside
+  DICOM folders) is preprocessed again.
   Missing entries are filled in the main process before the loader starts, so workers never
   preprocess the same case twice.
 * ``none``: preprocess on every access (only sensible for tiny data).

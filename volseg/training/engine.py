@@ -17,11 +17,13 @@ The run folder describes itself, so ``volseg infer --model RUN`` needs nothing e
 Determinism: ``monai.utils.set_determinism(train.seed)`` seeds torch, numpy and python; the
 patch sampler and the augmentation have their own seeded streams (per epoch), so on the CPU
 the same seed, data and config give bit-identical weights (tested). On CUDA, cuDNN is asked
-for deterministic algorithms, but AMP, atomics-based kernels (e.g. interpolation and
-scatter backward passes) and a different GPU or library version still change the last bits;
-GPU runs are reproducible in their results, not bitwise. With ``data.num_workers > 0`` each
-worker's augmentation stream is seeded from the torch seed, so runs stay reproducible for a
-fixed worker count.
+for deterministic algorithms (``set_determinism``), and two runs of a small default-config
+network gave bit-identical weights with and without AMP on an H100 (torch 2.11, 2026-11-25);
+but ``torch.use_deterministic_algorithms`` is not enforced, so kernels that accumulate with
+atomics (e.g. some interpolation and scatter backward passes), another GPU model, driver or
+library version can change the last bits: bitwise equality is promised on the CPU only. With
+``data.num_workers > 0`` each worker's augmentation stream is seeded from the torch seed, so
+runs stay reproducible for a fixed worker count.
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ def _fit(run: Path, cfg: Config, plan: Plan, split: tuple, resume: bool, device:
         if done >= t.epochs:
             log.info("run already complete (%d/%d epochs); raise train.epochs to continue it", done, t.epochs)
             return run
+        trainer.state.max_epochs = t.epochs  # extend: a finished state with the old total would restart at epoch 0
     row: dict = {}
     tb = TensorboardLogger(log_dir=str(run / "tb"))
     _attach(trainer, parts, Predictor(parts.model, plan, cfg.infer, parts.device), val_ds, plan, cfg, transform, row, progress)

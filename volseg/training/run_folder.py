@@ -39,6 +39,9 @@ __all__ = [
     "stored_split",
     "rng_state",
     "set_rng_state",
+    "checkpoint_path",
+    "truncate_csv",
+    "attach_log_file",
 ]
 
 

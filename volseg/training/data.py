@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import numpy as np
 from monai.transforms import MapTransform

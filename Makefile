@@ -3,8 +3,17 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# A CPU build of torch, pinned so the install never pulls a multi-GB CUDA wheel.
+# torch is pinned to the version the project is tested with. The pin alone does NOT choose a
+# CPU build: pip takes the first matching wheel it finds. On the development machine pip is
+# configured (find-links) with a local 2.13.0+cpu wheel, so it gets that one. Anywhere else
+# `torch==2.13.0` comes from PyPI, and on Linux x86_64 that is a CUDA build (several GB with
+# its nvidia-* dependencies); macOS and Windows wheels from PyPI are CPU-only anyway.
+# For a CPU-only torch on Linux, point pip at PyTorch's CPU index:
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# (the same as `pip install torch --index-url https://download.pytorch.org/whl/cpu`; on an
+# existing .venv run `make clean` first, or that pip command inside it).
 TORCH := torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: setup demo test clean
 
@@ -13,7 +22,7 @@ $(BIN)/activate:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
-	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e '.[test,notebook]'
 	touch $@
 

@@ -1,348 +1,436 @@
-"""Training throughput: volseg's training engine against the MONAI tutorial recipe.
+"""Training speed of the pipeline: volseg's engine against the MONAI tutorial loop, same network.
 
-Both train on the same synthetic CT dataset (``volseg.data.synth.make_dataset``: 6 cases of
-about 64 x 64 x 48 voxels, 4 classes) with the same patch size (volseg's plan, fitted to the
-data) and the same number of patches per step, each in its own subprocess:
+Both sides train **volseg's own network** (``volseg.nets.build_network`` with the same config),
+with the same loss (DiceCE, as volseg builds it), optimiser (AdamW + poly schedule + gradient
+clipping), patch size, patches per step and augmentation, on the same data, each in its own
+subprocess, so the ratio measures the data pipeline and the training loop, not architectures:
 
-* volseg: ``volseg.training.engine.train`` with ``configs/demo.yaml`` (16-32-64-128 U-Net,
-  instance norm, DiceCE, AdamW, poly LR, gradient clipping, class-balanced crops, affine /
-  elastic / flip / intensity augmentation), no validation split. Two epochs of ``--steps``
-  steps; the second epoch's time (``metrics.csv`` ``epoch_time_s``) is the measurement, the
-  first is warm-up.
-* baseline "MONAI tutorial": ``UNet(channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2),
-  num_res_units=2, norm=BATCH)``, ``CacheDataset`` over LoadImaged / EnsureChannelFirstd /
-  Orientationd("RAS") / Spacingd / ScaleIntensityRanged / CropForegroundd /
-  RandCropByPosNegLabeld(num_samples=4), DiceLoss(softmax), Adam(1e-4). ``2 x --steps``
-  steps; the last ``--steps`` are timed. Spacing and intensity window are volseg's plan
-  (spacing, foreground 0.5-99.5 percentile HU), so both see the same voxels. The patch is
-  volseg's fitted patch rounded down to a multiple of 16 (the tutorial UNet halves 4 times),
-  given to volseg as ``data.patch_size``.
+* ``volseg``: ``volseg.training.train`` (the real ignite engine, through its Python API) with
+  ``--config`` (default ``configs/demo.yaml``), ``data.val_fraction=0``, ``train.epochs=--epochs``
+  and ``train.steps_per_epoch=--steps``; ``data.num_workers`` and ``data.cache`` as the config
+  says. Per-step times come from ignite's own events (GET_BATCH_STARTED/COMPLETED,
+  ITERATION_COMPLETED), attached from outside: the benchmark does not change volseg.
+* ``loop``: the MONAI tutorial recipe: ``CacheDataset`` over ``LoadImaged`` ->
+  ``EnsureChannelFirstd`` -> ``Orientationd`` -> ``Spacingd`` -> ``ScaleIntensityRanged`` (the
+  plan's spacing and the plan's exact intensity mapping: clip to the foreground 0.5-99.5
+  percentiles, then the plan's z-score), the same class-index precomputation and the same random
+  chain (``RandCropByLabelClassesd`` + augmentation: volseg's ``cached_transforms`` and
+  ``random_transforms`` with the same config), a MONAI ``DataLoader`` with the same batch,
+  sampler and ``num_workers``, and a plain PyTorch loop. The plan (spacing, intensity window) is
+  computed in the parent, as a tutorial hard-codes it, so it is not in the loop's set-up time.
 
-Reported: seconds per step, patches per second, set-up time (fingerprint + cache), peak RSS
-(``ru_maxrss`` of each subprocess) and the ratio baseline/volseg. Timings are printed, never
-asserted. A step includes each side's own data pipeline: volseg's crops and augmentation run
-with ``data.num_workers`` from demo.yaml (a worker process overlaps them with the network when
-> 0); the baseline loads with ``num_workers=0`` (its cached crops cost ~0.01 s/step). "data
-pipeline alone" times volseg's random transforms separately, after training.
+Data (``--data``): ``demo``: the phantoms ``volseg demo`` trains on (``make_dataset``, 10 cases
+of about 64 x 64 x 48); ``ct``: one real-sized CT case, 512 x 512 x 200 voxels at 0.8 x 0.8 x 2 mm
+(a ``make_dataset`` phantom drawn at 256 x 256 x 100 / 1.6 x 1.6 x 4 mm and resampled onto the
+fine grid, since drawing it at full size takes minutes).
 
-    python benchmarks/bench_training.py              # a few CPU minutes
-    python benchmarks/bench_training.py --steps 20 --device cuda
+Reported per side (median over ``--repeats`` runs, alternated): s/step (median over the steps of
+epochs 2..N; epoch 1 is warm-up), the fraction of step time spent waiting for the next batch
+(same steps), the first epoch's time per step against the later epochs', set-up time (everything
+from the call to the first batch request: planning, cache fill, model, loader), peak RSS of the
+training process and of its largest DataLoader worker (each side's own subprocess tree, read with
+``os.wait4``, the per-child form of ``getrusage(RUSAGE_CHILDREN)``, so alternated runs do not
+mix). Timings are printed, never asserted.
+
+    python benchmarks/bench_training.py                          # demo data + one real-sized CT
+    python benchmarks/bench_training.py --data demo --repeats 5 --set data.num_workers=2
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
+import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
-PIPELINES = ("baseline", "volseg")
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-
-
-def _peak_rss_mib() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024**2 if sys.platform == "darwin" else 1024)
+SIDES = ("loop", "volseg")
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "demo.yaml"
+RSS_UNIT = 1024**2 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
 
 
-def volseg_overrides(steps: int, patches: int, patch_size: Optional[Sequence[int]] = None) -> List[str]:
-    """demo.yaml with: two epochs of ``steps`` steps, ``patches`` crops of one case per step,
-    no validation (its sliding-window passes are not training throughput)."""
-    extra = [f"data.patch_size=[{','.join(str(int(n)) for n in patch_size)}]"] if patch_size else []
-    return extra + [
-        "train.epochs=2",
-        f"train.steps_per_epoch={steps}",
-        f"train.batch_size={patches}",
-        f"data.samples_per_volume={patches}",
-        "data.val_fraction=0",
-    ]
+# --------------------------------------------------------------------------- timing (in the workers)
 
 
-# --------------------------------------------------------------------------- workers (subprocess)
+class StepClock:
+    """Per-step wall times of a training loop: ``wait`` (requesting the next batch until it is
+    there) and ``step`` (the same start until the optimiser step is done), with the epoch."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.first_batch: Optional[float] = None
+        self.steps: List[dict] = []
+        self._start = self._ready = 0.0
+
+    def batch_started(self) -> None:
+        self._start = time.perf_counter()
+        if self.first_batch is None:
+            self.first_batch = self._start
+
+    def batch_ready(self) -> None:
+        self._ready = time.perf_counter()
+
+    def step_done(self, epoch: int) -> None:
+        end = time.perf_counter()
+        self.steps.append({"epoch": epoch, "wait_s": self._ready - self._start, "step_s": end - self._start})
+
+    def result(self) -> dict:
+        return {"setup_s": (self.first_batch or time.perf_counter()) - self.t0, "steps": self.steps}
 
 
-def _worker_volseg(job: dict) -> dict:
+def _clock_the_trainer(clock: StepClock) -> None:
+    """Attach ``clock`` to the first ignite Engine that runs (the trainer inside
+    ``volseg.training.train``) through ignite's own events, so the real engine is measured
+    as it is, from outside."""
+    from ignite.engine import Engine, Events
+
+    original = Engine.run
+
+    def run(self, *args, **kwargs):
+        if not getattr(clock, "attached", False):
+            clock.attached = True
+            self.add_event_handler(Events.GET_BATCH_STARTED, lambda e: clock.batch_started())
+            self.add_event_handler(Events.GET_BATCH_COMPLETED, lambda e: clock.batch_ready())
+            self.add_event_handler(Events.ITERATION_COMPLETED, lambda e: clock.step_done(e.state.epoch))
+        return original(self, *args, **kwargs)
+
+    Engine.run = run
+
+
+# --------------------------------------------------------------------------- the two sides
+
+
+def _run_volseg(job: dict) -> dict:
+    import csv
     import logging
 
-    from volseg.config import load_config
-    from volseg.training.engine import train
+    from volseg.config import from_dict
+    from volseg.training import train
 
     logging.getLogger("volseg").setLevel(logging.WARNING)
-    cfg = load_config(CONFIG, volseg_overrides(job["steps"], job["patches"], job["patch_size"]))
+    clock = StepClock()
+    _clock_the_trainer(clock)
     run = Path(job["out_dir"]) / "run"
-    t0 = time.perf_counter()
-    train(job["manifest"], cfg, run, device=job["device"])
-    total = time.perf_counter() - t0
-    with open(run / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    epochs = [float(r["epoch_time_s"]) for r in rows]
-    from monai.losses import DiceCELoss
-
-    from volseg.nets import build_network
-
-    model = build_network(cfg.model, 1, job["classes"]).to(job["device"]).train()
-    gflop = _step_gflop(model, DiceCELoss(to_onehot_y=True, softmax=True, batch=True), [job["patches"], 1] + job["patch_size"])
-    return {
-        "gflop_per_step": gflop,
-        "data_s": _volseg_data_step_s(run, job),
-        "step_s": epochs[-1] / job["steps"],
-        "warmup_step_s": epochs[0] / job["steps"],
-        "setup_s": total - sum(epochs),
-        "total_s": total,
-        "loss": float(rows[-1]["train_loss"]),
-    }
+    train(job["manifest"], from_dict(job["config"]), run, device=job["device"])
+    out = clock.result()
+    with open(run / "metrics.csv", newline="", encoding="utf-8") as f:
+        out["metrics_csv"] = list(csv.DictReader(f))  # volseg's own per-epoch figures, for comparison
+    out["plan_matches"] = json.loads((run / "plan.json").read_text(encoding="utf-8")) == json.loads(job["plan"])
+    return out
 
 
-def _step_gflop(model, loss_fn, shape: Sequence[int]) -> float:
-    """Forward + backward GFLOP of one training step on a batch ``(B, 1, *patch)`` (convolutions
-    and matmuls, as torch's FlopCounterMode counts them)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+def _tutorial_dataset(job: dict, plan, cfg, num_samples: int):
+    """``CacheDataset`` of the MONAI tutorials; the class-index and random tail is volseg's, so
+    both sides crop and augment identically."""
+    from monai.data import CacheDataset
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, ScaleIntensityRanged, Spacingd
 
-    x = torch.rand(tuple(shape), device=next(model.parameters()).device)
-    y = torch.zeros((shape[0], 1) + tuple(shape[2:]), device=x.device)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        loss_fn(model(x), y).backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / 1e9
-
-
-def _volseg_data_step_s(run: Path, job: dict) -> float:
-    """Seconds per step of volseg's data pipeline alone: the random transforms (crops and
-    augmentation) on a deep copy of a cached case, as CacheDataset does in ``train``. Measured
-    after training, in this process, with the run folder's resolved config and plan."""
-    import copy
-
-    import yaml
-
-    from volseg.config import from_dict
-    from volseg.data.manifest import load_manifest
-    from volseg.data.preprocess import Plan, preprocess_case
     from volseg.data.transforms import cached_transforms, random_transforms
 
-    cfg = from_dict(yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")))
-    plan = Plan.from_json((run / "plan.json").read_text(encoding="utf-8"))
-    cases = load_manifest(job["manifest"]).training
-    cache = [cached_transforms(plan)(preprocess_case(c, plan)) for c in cases]
-    rand = random_transforms(plan, cfg, job["patches"])
-    rand.set_random_state(seed=1)
-    rand(copy.deepcopy(cache[0]))  # warm-up
-    t0 = time.perf_counter()
-    for i in range(job["steps"]):
-        rand(copy.deepcopy(cache[i % len(cache)]))
-    return (time.perf_counter() - t0) / job["steps"]
+    keys = ["image", "label"]
+    norm = plan.norms[0]
+    deterministic = [
+        LoadImaged(keys=keys, image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        Orientationd(keys=keys, axcodes=plan.orientation),
+        Spacingd(keys=keys, pixdim=plan.spacing, mode=("bilinear", "nearest")),
+        # volseg's plan normalisation (scheme "ct"): clip to [lo, hi], then (x - mean) / std
+        ScaleIntensityRanged(keys="image", a_min=norm.lo, a_max=norm.hi, b_min=(norm.lo - norm.mean) / norm.std,
+                             b_max=(norm.hi - norm.mean) / norm.std, clip=True),
+    ]  # fmt: skip
+    # flat, so that CacheDataset caches up to the first random transform
+    transform = Compose(deterministic + list(cached_transforms(plan).transforms) + list(random_transforms(plan, cfg, num_samples).transforms))
+    return CacheDataset(job["files"], transform, cache_rate=1.0, progress=False), transform
 
 
-def _worker_baseline(job: dict) -> dict:
-    import numpy as np
+def _loss(plan, cfg):
+    """The loss exactly as volseg's engine builds it."""
     import torch
-    from monai.data import CacheDataset, DataLoader
-    from monai.losses import DiceLoss
-    from monai.networks.layers import Norm
-    from monai.networks.nets import UNet
-    from monai.transforms import (
-        Compose,
-        CropForegroundd,
-        EnsureChannelFirstd,
-        LoadImaged,
-        Orientationd,
-        RandCropByPosNegLabeld,
-        ScaleIntensityRanged,
-        Spacingd,
-        SpatialPadd,
-    )
+    from monai.losses import DeepSupervisionLoss, DiceCELoss
+
+    t = cfg.train
+    weight = torch.tensor(t.class_weights, dtype=torch.float32) if t.class_weights else None
+    loss = DiceCELoss(include_background=plan.binary, to_onehot_y=not plan.binary, softmax=not plan.binary, sigmoid=plan.binary,
+                      weight=weight, lambda_dice=t.lambda_dice, lambda_ce=t.lambda_ce, batch=True)  # fmt: skip
+    return DeepSupervisionLoss(loss, weight_mode="exp") if cfg.model.deep_supervision else loss
+
+
+def _run_loop(job: dict) -> dict:
+    import torch
+    from monai.data import DataLoader
     from monai.utils import set_determinism
 
-    set_determinism(seed=0)
-    dev = torch.device(job["device"])
-    keys = ["image", "label"]
-    patch = job["patch_size"]
-    transforms = Compose(
-        [
-            LoadImaged(keys=keys),
-            EnsureChannelFirstd(keys=keys),
-            Orientationd(keys=keys, axcodes="RAS"),
-            Spacingd(keys=keys, pixdim=job["spacing"], mode=("bilinear", "nearest")),
-            ScaleIntensityRanged(keys="image", a_min=job["hu_window"][0], a_max=job["hu_window"][1], b_min=0.0, b_max=1.0, clip=True),
-            CropForegroundd(keys=keys, source_key="image"),
-            # not in the tutorial: the synthetic bodies can be smaller than the patch after the
-            # foreground crop, which RandCropByPosNegLabeld would reject
-            SpatialPadd(keys=keys, spatial_size=patch),
-            RandCropByPosNegLabeld(
-                keys=keys, label_key="label", spatial_size=patch, pos=1, neg=1,
-                num_samples=job["patches"], image_key="image", image_threshold=0,
-            ),
-        ]
-    )
-    t0 = time.perf_counter()
-    ds = CacheDataset(data=job["files"], transform=transforms, cache_rate=1.0, num_workers=0, progress=False)
-    loader = DataLoader(ds, batch_size=1, shuffle=True, num_workers=0)
-    model = UNet(
-        spatial_dims=3, in_channels=1, out_channels=job["classes"], channels=(16, 32, 64, 128, 256),
-        strides=(2, 2, 2, 2), num_res_units=2, norm=Norm.BATCH,
-    ).to(dev)
-    loss_function = DiceLoss(to_onehot_y=True, softmax=True)
-    optimizer = torch.optim.Adam(model.parameters(), 1e-4)
-    setup = time.perf_counter() - t0
+    from volseg.config import from_dict
+    from volseg.data.preprocess import Plan
+    from volseg.nets import build_network
 
-    def batches():
-        while True:
-            yield from loader
-
-    model.train()
-    times, data_times, losses = [], [], []
-    it = batches()
-    for _ in range(2 * job["steps"]):
-        t = time.perf_counter()
-        batch = next(it)
-        data_times.append(time.perf_counter() - t)
-        x, y = batch["image"].to(dev), batch["label"].to(dev)
-        optimizer.zero_grad()
-        loss = loss_function(model(x), y)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())  # synchronises on CUDA
-        times.append(time.perf_counter() - t)
-    n = job["steps"]
-    gflop = _step_gflop(model, loss_function, [job["patches"], 1] + patch)
-    return {
-        "gflop_per_step": gflop,
-        "step_s": float(np.sum(times[n:]) / n),
-        "data_s": float(np.sum(data_times[n:]) / n),
-        "warmup_step_s": float(np.sum(times[:n]) / n),
-        "setup_s": setup,
-        "total_s": time.perf_counter() - t0,
-        "loss": float(np.mean(losses[n:])),
-        "patch_shape": list(x.shape),
-    }
+    clock = StepClock()
+    cfg, plan = from_dict(job["config"]), Plan.from_json(job["plan"])
+    t, dev = cfg.train, torch.device(job["device"])
+    set_determinism(seed=t.seed)
+    num_samples = max(1, min(cfg.data.samples_per_volume, t.batch_size))  # as volseg: batch_size patches per step
+    batch = max(1, t.batch_size // num_samples)
+    ds, transform = _tutorial_dataset(job, plan, cfg, num_samples)
+    sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=t.steps_per_epoch * batch)
+    loader = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=cfg.data.num_workers, drop_last=True)
+    model = build_network(cfg.model, len(plan.channels), plan.out_channels).to(dev).train()
+    loss_fn = _loss(plan, cfg).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=t.epochs * t.steps_per_epoch, power=t.poly_power)
+    amp = t.amp and dev.type == "cuda"
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp)
+    it = iter(loader)  # epoch 1's iterator is made before the first batch request, as in ignite
+    for epoch in range(1, t.epochs + 1):
+        for _ in range(t.steps_per_epoch):
+            clock.batch_started()
+            try:
+                data = next(it)
+            except StopIteration:  # a new epoch: new iterator (and worker processes), as in ignite
+                it = iter(loader)
+                data = next(it)
+            clock.batch_ready()
+            x, y = data["image"].to(dev), data["label"].to(dev).float()
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(dev.type, enabled=amp):  # volseg's train.amp, on CUDA only
+                out = model(x)
+            loss = loss_fn([o.float() for o in out] if isinstance(out, (list, tuple)) else out.float(), y)
+            scaler.scale(loss).backward()
+            if t.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            loss.item()  # synchronises on CUDA
+            clock.step_done(epoch)
+    return clock.result()
 
 
-def _run_worker(name: str, job_path: str) -> None:
+def _worker(side: str, job_path: str) -> None:
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
     import torch
 
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
-    if job["device"] == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    result = (_worker_baseline if name == "baseline" else _worker_volseg)(job)
-    result["peak_rss_mib"] = _peak_rss_mib()
-    # DataLoader worker processes (data.num_workers > 0): the largest one, once reaped
+    import ignite.engine  # noqa: F401  (imported before either clock starts: not set-up time)
+    import monai.data  # noqa: F401
+    import monai.losses  # noqa: F401
+    import monai.transforms  # noqa: F401
+
+    result = (_run_loop if side == "loop" else _run_volseg)(job)
+    import gc
+
+    gc.collect()  # DataLoader workers end with their iterator; reap them before reading RUSAGE_CHILDREN
+    result["main_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / RSS_UNIT
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    result["worker_peak_rss_mib"] = children / (1024**2 if sys.platform == "darwin" else 1024) if children else None
+    result["worker_rss_mib"] = children / RSS_UNIT if children else None
     result["threads"] = torch.get_num_threads()
-    if job["device"] == "cuda":
-        result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------------- data (in the parent)
+
+
+def make_demo_data(folder: Path) -> Path:
+    """The phantoms `volseg demo` trains on: 10 training cases of about 64 x 64 x 48."""
+    from volseg.data.synth import make_dataset
+
+    return make_dataset(folder, cases=10, test_cases=0, seed=0, shape=(64, 64, 48))
+
+
+def make_ct_case(folder: Path, size=(512, 512, 200), spacing=(0.8, 0.8, 2.0)) -> Path:
+    """One real-sized CT case: a phantom drawn on a grid half as fine (drawing 52 M voxels
+    directly takes minutes), resampled onto ``size`` at ``spacing`` (image linear, label
+    nearest; air outside)."""
+    import SimpleITK as sitk
+
+    from volseg.data.manifest import load_manifest
+    from volseg.data.synth import make_dataset
+
+    coarse = tuple(n // 2 for n in size)
+    manifest = make_dataset(folder, cases=1, test_cases=0, seed=0, shape=coarse, spacing=tuple(2 * s for s in spacing))
+    case = load_manifest(manifest).training[0]
+    for path, interp, fill in ((case.images[0], sitk.sitkLinear, -1024), (case.label, sitk.sitkNearestNeighbor, 0)):
+        img = sitk.ReadImage(str(path))
+        out = sitk.Resample(img, list(size), sitk.Transform(), interp, img.GetOrigin(), list(spacing), img.GetDirection(), fill, img.GetPixelID())
+        sitk.WriteImage(out, str(path), useCompression=True)
+    return manifest
 
 
 # --------------------------------------------------------------------------- parent
 
 
-def _spawn(name: str, job: dict, tmp: Path, timeout: Optional[float]) -> dict:
-    job_path = tmp / f"{name}.json"
+def _spawn(side: str, job: dict, tmp: Path, timeout: Optional[float]) -> dict:
+    """Run one side in a fresh process; its peak RSS (and its reaped children's) via wait4."""
+    job_path = tmp / f"{side}.json"
     job_path.write_text(json.dumps(job), encoding="utf-8")
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--_worker", name, str(job_path)], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"stopped after --timeout {timeout:g} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        return {"error": f"exit status {proc.returncode}\n{tail}"}
-    return json.loads(lines[-1][len("RESULT ") :])
+    with open(tmp / "stdout", "w+") as out, open(tmp / "stderr", "w+") as err:
+        proc = subprocess.Popen([sys.executable, __file__, "--_worker", side, str(job_path)], stdout=out, stderr=err)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0) if timeout is None else _wait4_timeout(proc, timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"stopped after --timeout {timeout:g} s"}
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        lines = [ln for ln in out.read().splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            return {"error": f"exit status {proc.returncode}\n" + "\n".join(err.read().strip().splitlines()[-15:])}
+    result = json.loads(lines[-1][len("RESULT ") :])
+    result["tree_rss_mib"] = usage.ru_maxrss / RSS_UNIT  # the largest process of the side's tree
+    return result
+
+
+def _wait4_timeout(proc: subprocess.Popen, timeout: float):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            return pid, status, usage
+        time.sleep(0.2)
+    proc.kill()
+    os.wait4(proc.pid, 0)
+    raise subprocess.TimeoutExpired(proc.args, timeout)
+
+
+def summarize(result: dict) -> dict:
+    """Figures of one run: s/step and data-wait share over epochs 2..N; epoch 1 against them."""
+    steps = result["steps"]
+    later = [s for s in steps if s["epoch"] > 1] or steps
+    first = [s for s in steps if s["epoch"] == 1]
+    per_epoch: Dict[int, float] = {}
+    for s in steps:
+        per_epoch[s["epoch"]] = per_epoch.get(s["epoch"], 0.0) + s["step_s"]
+    later_epochs = [v for e, v in per_epoch.items() if e > 1]
+    return {
+        "s_per_step": statistics.median(s["step_s"] for s in later),
+        "mean_s_per_step": statistics.fmean(s["step_s"] for s in later),
+        "wait_fraction": sum(s["wait_s"] for s in later) / sum(s["step_s"] for s in later),
+        "first_epoch_ratio": per_epoch.get(1, float("nan")) / statistics.median(later_epochs) if later_epochs else float("nan"),
+        "setup_s": result["setup_s"],
+        "main_rss_mib": result["main_rss_mib"],
+        "worker_rss_mib": result.get("worker_rss_mib"),
+        "first_epoch_s_per_step": statistics.fmean(s["step_s"] for s in first) if first else float("nan"),
+        "csv_wait_fraction": _csv_wait_fraction(result.get("metrics_csv")),
+    }
+
+
+def _csv_wait_fraction(rows: Optional[List[dict]]) -> Optional[float]:
+    """Data wait / training time over epochs 2..N as volseg's own metrics.csv records them
+    (``data_wait_s``, ``train_s``), a cross-check of the clock above; None if not recorded."""
+    rows = [r for r in rows or [] if int(r["epoch"]) > 1 and r.get("data_wait_s") and r.get("train_s")]
+    return sum(float(r["data_wait_s"]) for r in rows) / sum(float(r["train_s"]) for r in rows) if rows else None
+
+
+ROWS = (
+    ("s/step (median, epochs 2..N)", "s_per_step", "{:.3f}"),
+    ("  mean s/step", "mean_s_per_step", "{:.3f}"),
+    ("data wait / step time", "wait_fraction", "{:.1%}"),
+    ("  as volseg's metrics.csv says", "csv_wait_fraction", "{:.1%}"),
+    ("epoch 1 / later epoch", "first_epoch_ratio", "{:.2f}"),
+    ("set-up before step 1 (s)", "setup_s", "{:.1f}"),
+    ("peak RSS, training (MiB)", "main_rss_mib", "{:.0f}"),
+    ("peak RSS, a worker (MiB)", "worker_rss_mib", "{:.0f}"),
+)
+
+
+def _table(name: str, runs: Dict[str, List[dict]]) -> str:
+    med = {side: {k: _median([r[k] for r in rs]) for k in rs[0]} if rs else {} for side, rs in runs.items()}
+    lines = [f"{name}", f"{'':30}{'loop (MONAI)':>14}{'volseg':>12}{'loop/volseg':>13}"]
+    for label, key, fmt in ROWS:
+        a, b = med["loop"].get(key), med["volseg"].get(key)
+        cells = [fmt.format(v) if v is not None else "-" for v in (a, b)]
+        ratio = f"{a / b:.2f}x" if a is not None and b else "-"
+        lines.append(f"{label:30}{cells[0]:>14}{cells[1]:>12}{ratio:>13}")
+    for side in SIDES:
+        lines.append(f"  {side} s/step per run: " + ", ".join(f"{r['s_per_step']:.3f}" for r in runs[side]))
+    return "\n".join(lines)
+
+
+def _median(values):
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _jobs(data: str, tmp: Path, args) -> dict:
+    """Data, resolved config and plan for one dataset; the plan as volseg's train() computes it."""
+    from volseg.config import load_config, to_dict
+    from volseg.data.manifest import load_manifest
+    from volseg.data.preprocess import make_plan
+
+    t0 = time.perf_counter()
+    manifest = make_demo_data(tmp / "demo") if data == "demo" else make_ct_case(tmp / "ct")
+    made = time.perf_counter() - t0
+    steps = args.steps if args.steps else (8 if data == "demo" else 5)
+    sets = ["data.val_fraction=0", "data.min_cases=1", f"train.epochs={args.epochs}", f"train.steps_per_epoch={steps}"]
+    cfg = load_config(args.config, sets + list(args.set or []))
+    man = load_manifest(manifest)
+    t0 = time.perf_counter()
+    plan = make_plan(man, man.training, cfg, seed=cfg.train.seed)
+    planning = time.perf_counter() - t0
+    files = [{"image": str(c.images[0]), "label": str(c.label)} for c in man.training]
+    print(f"{data}: {len(files)} case(s) made in {made:.0f} s; plan {planning:.1f} s: spacing {[round(s, 3) for s in plan.spacing]} mm, "
+          f"patch {list(plan.patch_size)}, {plan.num_classes} classes; batch {cfg.train.batch_size}, {args.epochs} x {steps} steps, "
+          f"data.num_workers={cfg.data.num_workers}, data.cache={cfg.data.cache}", flush=True)  # fmt: skip
+    return {"manifest": str(manifest), "files": files, "config": to_dict(cfg), "plan": plan.to_json(), "device": args.device,
+            "threads": args.threads, "planning_s": planning}  # fmt: skip
+
+
+def _measure(data: str, args, tmp: Path) -> dict:
+    job = _jobs(data, tmp, args)
+    runs: Dict[str, List[dict]] = {side: [] for side in SIDES}
+    raw: Dict[str, List[dict]] = {side: [] for side in SIDES}
+    for rep in range(args.repeats):
+        for side in SIDES if rep % 2 == 0 else SIDES[::-1]:  # alternate which side goes first
+            out_dir = tmp / f"{data}_{side}_{rep}"
+            out_dir.mkdir()
+            r = _spawn(side, {**job, "out_dir": str(out_dir)}, tmp, args.timeout)
+            raw[side].append(r)
+            if "error" in r:
+                print(f"  {side} #{rep + 1}: {r['error']}", file=sys.stderr, flush=True)
+                continue
+            s = summarize(r)
+            runs[side].append(s)
+            print(f"  {side} #{rep + 1}: {s['s_per_step']:.3f} s/step, wait {s['wait_fraction']:.1%}, set-up {s['setup_s']:.1f} s, "
+                  f"RSS {s['main_rss_mib']:.0f} MiB" + ("" if r.get("plan_matches", True) else " (plan differs from the loop's!)"), flush=True)  # fmt: skip
+    if all(runs.values()):
+        print(_table(f"\n{data}: medians of {args.repeats} alternated runs ({args.device}, threads {raw['volseg'][0].get('threads')})", runs), flush=True)
+        print(f"  volseg set-up includes planning (fingerprinting), {job['planning_s']:.1f} s when measured alone in the parent\n")
+    return {"job": {k: v for k, v in job.items() if k not in ("files", "plan")}, "summary": runs, "raw": raw}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per pipeline, after as many warm-up steps (default 5)")
-    p.add_argument("--patches", type=int, default=4, help="patches per step, cropped from one case (default 4, the tutorial's num_samples)")
-    p.add_argument("--cases", type=int, default=6, help="synthetic training cases (default 6)")
+    p.add_argument("--data", nargs="+", choices=("demo", "ct"), default=["demo", "ct"], help="datasets (default: both)")
+    p.add_argument("--config", type=Path, default=CONFIG, help="volseg config for both sides (default: configs/demo.yaml)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="config override for both sides, repeatable")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per run; epoch 1 is warm-up (default 3)")
+    p.add_argument("--steps", type=int, default=0, help="steps per epoch (default: 8 on demo, 5 on ct)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per side, alternated (default 3)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--only", choices=PIPELINES, help="run one pipeline only")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per pipeline before it is stopped")
-    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per run before it is stopped")
+    p.add_argument("--json", type=Path, help="also write every figure here")
     p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._worker:
-        _run_worker(*args._worker)
+        _worker(*args._worker)
         return 0
-    for name in ("steps", "patches", "cases"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} {getattr(args, name)}: must be >= 1.")
-    if args.cases < 2:
-        p.error(f"--cases {args.cases}: volseg needs at least 2 training cases.")
-
-    from volseg.config import load_config
-    from volseg.data.manifest import load_manifest
-    from volseg.data.preprocess import make_plan
-    from volseg.data.synth import make_dataset
-
+    if args.epochs < 2 or args.repeats < 1 or args.steps < 0:
+        p.error(f"--epochs {args.epochs} must be >= 2 (epoch 1 is warm-up), --repeats {args.repeats} >= 1, --steps {args.steps} >= 0.")
+    results = {}
     with tempfile.TemporaryDirectory(prefix="volseg_bench_train_") as d:
-        tmp = Path(d)
-        manifest = make_dataset(tmp / "data", cases=args.cases, test_cases=0, shape=(64, 64, 48))
-        man = load_manifest(manifest)
-        # the plan train() will compute (all cases train: val_fraction=0), for the baseline
-        volseg_cfg = load_config(CONFIG, volseg_overrides(args.steps, args.patches))
-        plan = make_plan(man, man.training, volseg_cfg)
-        norm = plan.norms[0]
-        # the tutorial UNet halves four times: every patch axis must be a multiple of 16, so
-        # the fitted patch is rounded down for both sides (volseg gets it as data.patch_size)
-        patch = [max(16, n // 16 * 16) for n in plan.patch_size]
-        files = [{"image": str(c.images[0]), "label": str(c.label)} for c in man.training]
-        print(f"{len(files)} synthetic CT cases, {plan.num_classes} classes, spacing {[round(s, 3) for s in plan.spacing]} mm, "
-              f"patch {patch} (plan: {list(plan.patch_size)}), {args.patches} patches/step, {args.steps} timed steps, {args.device}, "
-              f"volseg data.num_workers={volseg_cfg.data.num_workers}", flush=True)
-        results = {}
-        for name in PIPELINES:
-            if args.only and name != args.only:
-                continue
-            out_dir = tmp / name
-            out_dir.mkdir()
-            job = {
-                "manifest": str(manifest), "files": files, "steps": args.steps, "patches": args.patches,
-                "patch_size": patch, "spacing": list(plan.spacing), "hu_window": [norm.lo, norm.hi],
-                "classes": plan.num_classes, "device": args.device, "threads": args.threads, "out_dir": str(out_dir),
-            }
-            t0 = time.perf_counter()
-            r = _spawn(name, job, tmp, args.timeout)
-            r["process_s"] = time.perf_counter() - t0
-            results[name] = r
-            print(f"  {name}: " + (r["error"].splitlines()[0] if "error" in r else f"{r['step_s']:.2f} s/step, peak RSS {r['peak_rss_mib']:.0f} MiB"), flush=True)
-            if "error" in r:
-                print("    " + "\n    ".join(r["error"].splitlines()[1:]), file=sys.stderr)
-
-    ok = {n: r for n, r in results.items() if "error" not in r}
-    for r in ok.values():
-        r["patches_per_s"] = args.patches / r["step_s"]
-        r["gflops"] = r["gflop_per_step"] / r["step_s"]
-    rows = [("s/step", "step_s", "{:.2f}"), ("  data pipeline alone", "data_s", "{:.2f}"), ("patches/s", "patches_per_s", "{:.2f}"),
-            ("GFLOP/step (fwd+bwd)", "gflop_per_step", "{:.0f}"), ("GFLOP/s (per step)", "gflops", "{:.1f}"), ("warm-up s/step", "warmup_step_s", "{:.2f}"),
-            ("set-up (s)", "setup_s", "{:.1f}"), ("total in train (s)", "total_s", "{:.1f}"), ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"),
-            ("  data worker (MiB)", "worker_peak_rss_mib", "{:.0f}")]
-    if args.device == "cuda":
-        rows.append(("CUDA peak alloc (MiB)", "cuda_peak_mib", "{:.0f}"))
-    print()
-    print(f"{'':22}{'baseline':>12}{'volseg':>12}{'baseline/volseg':>18}")
-    for label, key, fmt in rows:
-        vals = [ok[n].get(key) if n in ok else None for n in PIPELINES]
-        cells = [fmt.format(v) if v is not None else "-" for v in vals]
-        ratio = f"{vals[0] / vals[1]:.2f}x" if None not in vals and vals[1] else "-"
-        if key == "worker_peak_rss_mib" and vals == [None, None]:
-            continue
-        print(f"{label:22}{cells[0]:>12}{cells[1]:>12}{ratio:>18}")
-    print("(s/step ratio > 1: volseg takes less time per step; patches/s ratio < 1: volseg is faster)")
+        for data in args.data:
+            results[data] = _measure(data, args, Path(d))
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k not in ("_worker", "json")}, "results": results}, indent=2, default=str), encoding="utf-8")
-    return 0 if len(ok) == len(results) else 1
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items() if k != "_worker"}, "results": results}, indent=2), encoding="utf-8")
+    return 0 if all(r["summary"]["loop"] and r["summary"]["volseg"] for r in results.values()) else 1
 
 
 if __name__ == "__main__":

@@ -216,7 +216,7 @@ def test_spacing_argument_applies_to_every_case():
     "kwargs, match",
     [
         ({"modality": "pet"}, "ct"),
-        ({"modality": "mr"}, "mri"),
+        ({"modality": "mrt"}, "mri"),  # "mr" is an accepted alias of "mri"
         ({"shape": (64, 64)}, "shape"),
         ({"shape": (64, 8, 48)}, "shape"),
         ({"spacing": (1.0, -1.0, 1.0)}, "spacing"),

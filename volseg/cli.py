@@ -29,6 +29,13 @@ def _add_config_args(p: argparse.ArgumentParser, default: Optional[str] = None) 
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key, repeatable (e.g. --set train.epochs=10)")
 
 
+def _progress(args) -> bool:
+    """Progress bars only on a terminal: in a log file or a pipe every redraw would append a
+    carriage-return frame. Without bars, the INFO log lines (one per epoch, one per scan) still
+    say how far a command got, one line each."""
+    return not args.quiet and sys.stderr.isatty()
+
+
 def _device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs (default: auto = cuda if available)")
 
@@ -66,7 +73,7 @@ def cmd_train(args) -> int:
 
         raise ConfigError("--resume continues a run with its stored config; only --set train.epochs=N may be given (to extend it).")
     out = args.output or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    run = train(args.manifest, cfg, out, resume=args.resume, device=args.device, progress=not args.quiet)
+    run = train(args.manifest, cfg, out, resume=args.resume, device=args.device, progress=_progress(args))
     print(f"run folder: {run}")
     return 0
 
@@ -82,7 +89,7 @@ def cmd_infer(args) -> int:
     if args.tta:
         overrides["tta"] = True
     jobs = collect_inputs(args.inputs, args.output)
-    failures = infer_many(jobs, args.model, device=args.device, overrides=overrides, probabilities=args.probabilities, progress=not args.quiet)
+    failures = infer_many(jobs, args.model, device=args.device, overrides=overrides, probabilities=args.probabilities, progress=_progress(args))
     done = len(jobs) - len(failures)
     print(f"{done}/{len(jobs)} scan(s) segmented")
     for job, err in failures:
@@ -120,7 +127,7 @@ def cmd_export(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    summary = run_demo(args.output, device=args.device, overrides=args.set or [], progress=not args.quiet,
+    summary = run_demo(args.output, device=args.device, overrides=args.set or [], progress=_progress(args),
                        cases=args.cases, test_cases=args.test_cases, shape=tuple(args.shape))
     print("\nvolseg demo finished in {:.1f} min".format(summary["minutes"]))
     print(f"  mean foreground Dice on held-out phantoms: {summary['dice']:.3f}")
@@ -138,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="volseg", description="3D volumetric segmentation of CT and MRI.")
     p.add_argument("--version", action="version", version=f"volseg {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only (bars are shown only when stderr is a terminal)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("demo", help="generate phantoms, train, infer, evaluate and report (the README's first command)")
@@ -158,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out_dir")
     s.add_argument("--cases", type=int, default=8, help="training cases (default: %(default)s)")
     s.add_argument("--test-cases", type=int, default=2, help="held-out test cases (default: %(default)s)")
-    s.add_argument("--modality", choices=["ct", "mr"], default="ct")
+    s.add_argument("--modality", choices=["ct", "mr", "mri"], default="ct", help="ct: int16 HU; mr (= mri): float intensities (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--shape", type=int, nargs=3, default=[64, 64, 48], metavar=("X", "Y", "Z"))
     s.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"), help="mm; default varies per case")
@@ -180,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1)")
     s.add_argument("--batch-size", type=int, help="windows per forward pass")
     s.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
-    s.add_argument("--probabilities", action="store_true", help="also write class probabilities (<case>_prob.nii.gz, float16)")
+    s.add_argument("--probabilities", action="store_true", help="also write class probabilities (<case>_prob.nii.gz: 4D uint8 with scl_slope 1/255; readers get floats in [0, 1])")
     s.set_defaults(func=cmd_infer)
 
     s = sub.add_parser("evaluate", help="Dice, IoU, HD95, ASSD, NSD and volumes of predictions against ground truth")

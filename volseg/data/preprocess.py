@@ -118,7 +118,9 @@ def resample(img: sitk.Image, spacing: Sequence[float], is_label: bool = False) 
             if img.GetSize()[axis] >= 4:
                 img = sitk.RecursiveGaussian(img, float(sigma[axis]), False, sitk.RecursiveGaussianImageFilter.ZeroOrder, int(axis))
     interp = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
-    return sitk.Resample(img, size, sitk.Transform(), interp, origin, spacing, img.GetDirection(), 0, img.GetPixelID())
+    # the new grid can reach up to half a voxel beyond the scan: take the edge voxel there, not 0
+    # (0 HU is water, not air), as the torch resampler does
+    return sitk.Resample(img, size, sitk.Transform(), interp, origin, spacing, img.GetDirection(), 0, img.GetPixelID(), useNearestNeighborExtrapolator=True)
 
 
 def _antialias_sigma(old: Sequence[float], new: Sequence[float]) -> np.ndarray:

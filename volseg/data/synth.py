@@ -66,6 +66,8 @@ SeedLike = Union[int, Sequence[int], np.random.Generator]
 
 LABELS: Dict[int, str] = {0: "background", 1: "liver", 2: "kidney", 3: "lesion"}
 MODALITIES: Dict[str, str] = {"ct": "CT", "mri": "MRI"}
+#: Other accepted spellings (the CLI offers ``mr``, as DICOM's modality code does).
+MODALITY_ALIASES: Dict[str, str] = {"mr": "mri"}
 #: Voxel axis codes of the written NIfTI (nibabel's ``aff2axcodes``). In SimpleITK terms "LPS"
 #: is the identity direction and "RAS" is ``diag(-1, -1, 1)``; "oblique" is either of them
 #: rotated by 5-20 degrees about one axis.
@@ -141,7 +143,7 @@ def _check_modality(modality: str) -> str:
     from ..config import check_choice
 
     key = modality.lower() if isinstance(modality, str) else modality
-    return check_choice("modality", key, list(MODALITIES))
+    return check_choice("modality", MODALITY_ALIASES.get(key, key), list(MODALITIES) + list(MODALITY_ALIASES))
 
 
 def _check_shape(shape: Sequence[int]) -> Shape3:
@@ -554,7 +556,7 @@ def make_case(
 
     Args:
         rng: a numpy Generator (advanced in place) or a seed for ``numpy.random.default_rng``.
-        modality: ``"ct"`` (int16 HU) or ``"mri"`` (float32, arbitrary scale).
+        modality: ``"ct"`` (int16 HU) or ``"mri"`` (or ``"mr"``; float32, arbitrary scale).
         shape: approximate grid size (x, y, z) of an isotropic case; the field of view is about
             ``shape * spacing`` mm (``NOMINAL_SPACING_MM`` when ``spacing`` is None).
         spacing: voxel size (x, y, z) in mm for the case; None draws one: isotropic ~1.5 mm, or

@@ -30,6 +30,7 @@ import csv
 import json
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -377,7 +378,8 @@ def evaluate(
     naming both files.
 
     ``output``: folder that receives ``metrics.csv`` (one row per case x class, NaN written as
-    ``nan``) and ``summary.json`` (see :func:`summarize`), both written atomically.
+    ``nan``; case file paths relative to ``output``, so :func:`load_results` finds them from any
+    working directory) and ``summary.json`` (see :func:`summarize`), both written atomically.
     """
     pred, truth = Path(pred), Path(truth)
     truth_cases, image_paths, restrict_to_pred, man_labels = _references(truth)
@@ -413,10 +415,30 @@ def evaluate(
     out_dir = None
     if output is not None:
         out_dir = Path(output)
-        _write_csv(rows, out_dir / "metrics.csv")
+        _write_csv(_paths_relative_to(rows, out_dir), out_dir / "metrics.csv")
         write_text(out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
         log.info("wrote %s and %s", out_dir / "metrics.csv", out_dir / "summary.json")
     return EvaluationResult(rows=rows, summary=summary, output=out_dir, labels=dict(label_map))
+
+
+_PATH_COLUMNS: Tuple[str, ...] = ("pred_path", "truth_path", "image_path")
+
+
+def _paths_relative_to(rows: Sequence[dict], folder: Path) -> List[dict]:
+    """Rows whose file paths are relative to ``folder`` (where ``metrics.csv`` goes), so they
+    resolve from any working directory (:func:`load_results` resolves them) and survive moving
+    the run and its data together. Paths given relative to the cwd are valid only in that cwd."""
+    base = folder.resolve()
+
+    def rel(p: str) -> str:
+        if not p:
+            return p
+        try:
+            return os.path.relpath(Path(p).resolve(), base)
+        except ValueError:  # another drive on Windows: no relative path exists
+            return str(Path(p).resolve())
+
+    return [{**r, **{k: rel(r[k]) for k in _PATH_COLUMNS}} for r in rows]
 
 
 def _write_csv(rows: Sequence[dict], final: Path) -> None:
@@ -429,17 +451,18 @@ def _write_csv(rows: Sequence[dict], final: Path) -> None:
 
 def load_results(eval_dir: PathLike) -> EvaluationResult:
     """Read ``metrics.csv`` (and ``summary.json`` when present; else recomputed) written by
-    :func:`evaluate`. Path columns that are empty or absent read as ``""``."""
+    :func:`evaluate`. Relative paths are resolved against ``eval_dir`` (absolute on return);
+    path columns that are empty or absent read as ``""``."""
     eval_dir = Path(eval_dir)
     csv_path = eval_dir / "metrics.csv"
     if not csv_path.is_file():
         raise EvaluationError(f"{csv_path}: no such file (run `volseg evaluate ... --output {eval_dir}` first).")
-    rows = []
+    rows, base = [], eval_dir.resolve()
     with open(csv_path, newline="", encoding="utf-8") as fh:
         for r in csv.DictReader(fh):
             row = {"case": r["case"], "label": int(r["label"]), "class": r["class"]}
             row.update({k: float(r[k]) if r.get(k) not in (None, "") else math.nan for k in METRICS + VOLUMES})
-            row.update({k: r.get(k) or "" for k in ("pred_path", "truth_path", "image_path")})
+            row.update({k: os.path.normpath(base / r[k]) if r.get(k) else "" for k in _PATH_COLUMNS})
             rows.append(row)
     labels = {r["label"]: r["class"] for r in rows}
     summary_path = eval_dir / "summary.json"

@@ -28,7 +28,7 @@ if [ "$SMALL" = 1 ]; then
 else
   DEV=cuda; SPEED="--shape 512 512 200 --spacing 0.8 0.8 2.5 --target-spacing 1.6 1.6 2.5 --roi 128 128 128"
   MEM="--shape 512 512 300 --spacing 0.8 0.8 2.5 --target-spacing 1.5 1.5 2.0 --roi 128 128 128"
-  TRAIN="--train-steps 200 --phantom-shape 128 128 80"; T1=90; T2=190; T3=90; T4=90; REP=3
+  TRAIN="--train-steps 200 --phantom-shape 128 128 80"; T1=100; T2=170; T3=80; T4=70; REP=3
 fi
 step() { echo "== $1 ($(date -u +%T))" | tee -a "$OUT/summary.txt"; }
 
@@ -50,7 +50,7 @@ EOF
 cat "$OUT/environment.txt" | grep -E "MISSING|^cuda|^torch|^monai" | tee -a "$OUT/summary.txt"
 
 step "1 pytest -m cuda"
-timeout "$T1" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_inference_engine.py > "$OUT/pytest_cuda.txt" 2>&1
+timeout "$T1" "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_inference_engine.py tests/test_training.py > "$OUT/pytest_cuda.txt" 2>&1
 echo "exit $?: $(tail -n 1 "$OUT/pytest_cuda.txt")" | tee -a "$OUT/summary.txt"
 
 step "2 speed, goal size"

@@ -50,20 +50,21 @@ def _manifest(tmp: Path, tiny_dataset: Path, **changes) -> Path:
 
 @pytest.fixture
 def watch_validation(monkeypatch):
-    """Wrap Predictor.probabilities: record the mode around each call, check batch-norm buffers
-    are untouched and that a second call gives the same result (no dropout)."""
+    """Wrap Predictor.predict_index (what validation calls): record the mode around each call,
+    check batch-norm buffers are untouched and that two calls give the same probabilities (no
+    dropout)."""
     import torch
 
     from volseg.inference.predictor import Predictor
 
     seen = []
-    original = Predictor.probabilities
+    original = Predictor.predict_index
 
-    def probabilities(self, image):
+    def predict_index(self, image, box=None):
         buffers = {k: v.clone() for k, v in self.model.state_dict().items() if "running" in k or "num_batches" in k}
         was_training = self.model.training
-        first = original(self, image)
-        again = original(self, image)
+        index = original(self, image, box)
+        first, again = self.probabilities(image, box), self.probabilities(image, box)
         after = self.model.state_dict()
         seen.append({
             "restored": self.model.training == was_training,
@@ -71,9 +72,9 @@ def watch_validation(monkeypatch):
             "n_buffers": len(buffers),
             "deterministic": np.array_equal(first, again),
         })
-        return first
+        return index
 
-    monkeypatch.setattr(Predictor, "probabilities", probabilities)
+    monkeypatch.setattr(Predictor, "predict_index", predict_index)
     return seen
 
 

@@ -29,7 +29,6 @@ runs stay reproducible for a fixed worker count.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Tuple, Union
@@ -269,7 +268,7 @@ def _attach(trainer, p: Parts, predictor, val_ds, plan: Plan, cfg: Config, trans
     attach_timing(trainer, row)
     attach_nan_stop(trainer)
     attach_validation(trainer, p.model, predictor, val_ds, plan, cfg.train.val_every, row)
-    if progress and sys.stderr.isatty():  # carriage-return frames only on a terminal, never into a log file
+    if progress:  # the CLI turns it off when stderr is not a terminal (no carriage-return frames in logs)
         from ignite.handlers import ProgressBar
 
         ProgressBar(persist=False).attach(trainer, output_transform=lambda loss: {"loss": loss})

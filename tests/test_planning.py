@@ -9,10 +9,9 @@ import pytest
 import yaml
 
 from volseg.cli import main
-from volseg.config import load_config
+from volseg.config import ModelConfig, load_config
 from volseg.data.manifest import is_ct_modality, load_manifest
 from volseg.data.planning import fingerprint, measure_step_memory, plan_config, render_plan
-from volseg.config import ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +125,19 @@ def test_render_plan_is_yaml_with_a_comment_per_key(iso):
     text = render_plan(cfg, comments, "test")
     assert yaml.safe_load(text)["model"]["features"] == list(cfg.model.features)
     assert text.count("  # ") == len(comments)
+
+
+@pytest.mark.cuda
+def test_cuda_plan_measures_on_the_gpu_and_fits_its_budget(iso):
+    """On a GPU the dry pass is real (AMP, peak allocated memory); a tiny budget limits the patch
+    and the planned step fits it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    man, fp = iso
+    small = plan_config(fp, man, memory_gb=0.05, device="cuda")[0]
+    free = plan_config(fp, man, device="cuda")[0]
+    assert small.model.features[0] == 32 and np.prod(small.data.patch_size) <= np.prod(free.data.patch_size)
+    need = measure_step_memory(small.model, 1, 4, small.data.patch_size, small.train.batch_size, device="cuda")
+    assert need <= 0.05 * 2**30

@@ -64,7 +64,9 @@ Comments = Dict[Tuple[str, str], str]
 def fingerprint(manifest: Manifest, cases: Sequence[Case], orientation: str = "RAS", max_samples: int = 100_000, seed: int = 0) -> dict:
     """Dataset fingerprint as a JSON-able dict. Spacings (mm) and shapes (voxels) are in the
     canonical ``orientation``'s (x, y, z) order; intensity statistics are over labelled
-    foreground voxels (at most ``max_samples`` per channel, drawn evenly from the cases)."""
+    foreground voxels (at most ``max_samples`` per channel, drawn evenly from the cases).
+    ``classes[i]["smallest_mm3"]``: the smallest volume the class has in any one case (None
+    when it never occurs)."""
     rng = np.random.default_rng(seed)
     values = sorted(manifest.labels)
     per_case = max(1, max_samples // max(1, len(cases)))
@@ -77,8 +79,8 @@ def fingerprint(manifest: Manifest, cases: Sequence[Case], orientation: str = "R
         canon = to_canonical(images[0], orientation)
         spacings.append([float(s) for s in canon.GetSpacing()])
         shapes.append([int(s) for s in canon.GetSize()])
-        lab = sitk.GetArrayViewFromImage(label).astype(np.int64)
-        case_counts = np.bincount(lab.ravel(), minlength=max(values) + 1)
+        lab = sitk.GetArrayViewFromImage(label)
+        case_counts = np.bincount(lab.ravel().astype(np.intp, copy=False), minlength=max(values) + 1)
         voxel_mm3 = float(np.prod(canon.GetSpacing()))
         for i, v in enumerate(values):
             counts[i] += case_counts[v]
@@ -382,6 +384,8 @@ def plan_manifest(manifest: Manifest, output: Union[str, Path], memory_gb: Optio
     (``section.key=value``) applied on top."""
     from .manifest import validate_cases
 
+    if memory_gb is not None:
+        _memory_budget(memory_gb, device)  # a bad --memory fails before the data are read
     validate_cases(manifest, manifest.training, min_cases=1)
     log.info("fingerprinting %d training cases of %s", len(manifest.training), manifest.path)
     fp = dict(manifest=str(manifest.path), **fingerprint(manifest, manifest.training))

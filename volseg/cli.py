@@ -24,8 +24,8 @@ def _config(args) -> "object":
     return load_config(path, args.set or [])
 
 
-def _add_config_args(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
-    p.add_argument("--config", default=default, help="YAML config file (default: %(default)s)")
+def _add_config_args(p: argparse.ArgumentParser, default: Optional[str] = None, without: str = "") -> None:
+    p.add_argument("--config", default=default, help=f"YAML config file (default: {without or '%(default)s'})")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key, repeatable (e.g. --set train.epochs=10)")
 
 
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train on a Decathlon-style manifest (dataset.json)")
     s.add_argument("manifest")
-    _add_config_args(s)
+    _add_config_args(s, without="planned from the data as by volseg plan, kept in the run folder; --set overrides it")
     s.add_argument("--output", help="run folder (default: runs/<timestamp>)")
     s.add_argument("--resume", action="store_true", help="continue the run in --output from last.pt (with --set train.epochs=N to extend it)")
     _device_arg(s)

@@ -24,8 +24,8 @@ def _config(args) -> "object":
     return load_config(path, args.set or [])
 
 
-def _add_config_args(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
-    p.add_argument("--config", default=default, help="YAML config file (default: %(default)s)")
+def _add_config_args(p: argparse.ArgumentParser, default: Optional[str] = None, without: str = "") -> None:
+    p.add_argument("--config", default=default, help=f"YAML config file (default: {without or '%(default)s'})")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key, repeatable (e.g. --set train.epochs=10)")
 
 
@@ -63,17 +63,32 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .data.manifest import load_manifest
+    from .data.planning import plan_manifest
+    from .inference.predictor import resolve_device
+
+    out = Path(args.output)
+    plan_manifest(load_manifest(args.manifest), out, memory_gb=args.memory, device=resolve_device(args.device).type)
+    print(f"planned config: {out}\nfingerprint:    {out.with_name(out.stem + '.fingerprint.json')}")
+    print(f"train with:     volseg train {args.manifest} --config {out}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from .training import train
 
-    # --resume replays the run's stored config; only train.epochs may change (to extend it)
+    # --resume replays the run's stored config; only train.epochs may change (to extend it).
+    # Without --config a new run is planned from the data; --set then overrides planned keys.
     cfg = _config(args) if (args.config or args.set or not args.resume) else None
+    planned = not args.config and not args.resume
     if args.resume and cfg is not None and (args.config or any(not s.startswith("train.epochs=") for s in args.set or [])):
         from .config import ConfigError
 
         raise ConfigError("--resume continues a run with its stored config; only --set train.epochs=N may be given (to extend it).")
     out = args.output or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    run = train(args.manifest, cfg, out, resume=args.resume, device=args.device, progress=_progress(args))
+    run = train(args.manifest, None if planned else cfg, out, resume=args.resume, device=args.device, progress=_progress(args),
+                overrides=(args.set or []) if planned else ())
     print(f"run folder: {run}")
     return 0
 
@@ -171,9 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"), help="mm; default varies per case")
     s.set_defaults(func=cmd_synth)
 
+    s = sub.add_parser("plan", help="fingerprint a manifest's training cases and write a commented config YAML for them")
+    s.add_argument("manifest")
+    s.add_argument("--output", default="config.yaml", help="config to write; the fingerprint goes beside it as <stem>.fingerprint.json (default: %(default)s)")
+    s.add_argument("--memory", type=float, metavar="GB", help="memory budget for a training step (default: the GPU's free memory with --device cuda, else 2 GB)")
+    _device_arg(s)
+    s.set_defaults(func=cmd_plan)
+
     s = sub.add_parser("train", help="train on a Decathlon-style manifest (dataset.json)")
     s.add_argument("manifest")
-    _add_config_args(s)
+    _add_config_args(s, without="planned from the data as by volseg plan, kept in the run folder; --set overrides it")
     s.add_argument("--output", help="run folder (default: runs/<timestamp>)")
     s.add_argument("--resume", action="store_true", help="continue the run in --output from last.pt (with --set train.epochs=N to extend it)")
     _device_arg(s)

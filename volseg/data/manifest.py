@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -24,7 +25,7 @@ from .io import ImageReadError, case_name, itk_error_text, read_label, same_geom
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Case", "Manifest", "is_ct_modality", "ManifestError", "load_manifest", "validate_cases", "split_cases"]
+__all__ = ["Case", "Manifest", "CT_WORDS", "is_ct_modality", "ManifestError", "load_manifest", "validate_cases", "split_cases"]
 
 
 class ManifestError(ValueError):
@@ -57,9 +58,17 @@ class Manifest:
         return any(is_ct_modality(m) for m in self.modalities)
 
 
+#: words that name a CT acquisition (contrast-enhanced, non-contrast, angiography, ...); a
+#: whole-word match, so "SPECT" or "ACT" are not CT
+CT_WORDS = frozenset({"CT", "CECT", "NCCT", "NECT", "CTA", "CTP", "HRCT", "LDCT", "MDCT"})
+
+
 def is_ct_modality(name: str) -> bool:
-    """A channel named CT (any case) gets CT (Hounsfield-unit) normalisation."""
-    return name.strip().upper() == "CT"
+    """A channel whose name holds a CT word (any case), e.g. ``CT``, ``ct``, ``CECT``,
+    ``"CT arterial"``, ``"venous-phase CT"``, or says "computed tomography", gets CT
+    (Hounsfield-unit) normalisation; ``MRI``, ``T2``, ``SPECT`` and ``PET`` do not."""
+    words = re.findall(r"[A-Z]+", name.upper())
+    return any(w in CT_WORDS for w in words) or "COMPUTED TOMOGRAPHY" in " ".join(words)
 
 
 def _as_case(entry: object, root: Path, where: str, problems: List[str], need_label: bool) -> Optional[Case]:

@@ -7,6 +7,8 @@ The run folder describes itself, so ``volseg infer --model RUN`` needs nothing e
 
     RUN/config.yaml     resolved config (CLI overrides applied, channels filled in)
     RUN/plan.json       preprocessing plan (spacing, orientation, normalisation, labels, patch)
+    RUN/planned_config.yaml, RUN/fingerprint.json   without a config: the planner's commented
+                        config and the dataset fingerprint it was planned from
     RUN/dataset.json    manifest name, labels, channels and the train/validation split
     RUN/versions.json   volseg, torch, monai, python versions
     RUN/last.pt         model, optimiser, scheduler, scaler, engine and RNG state (every epoch)
@@ -31,7 +33,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 from ..config import Config, ConfigError, replace
 from ..data.manifest import Manifest, load_manifest, split_cases, validate_cases
@@ -66,13 +68,16 @@ def train(
     resume: bool = False,
     device: str = "auto",
     progress: bool = False,
+    overrides: Sequence[str] = (),
 ) -> Path:
     """Train a network on ``manifest`` into the run folder ``output``; return its path.
 
     ``resume=True`` continues from ``output/last.pt`` with optimiser, scheduler, scaler, epoch
     and RNG state, on the train/validation split stored in ``output/dataset.json``. The stored
     config is used; a given ``cfg`` only contributes ``train.epochs`` (to extend the run; the
-    poly schedule is rebuilt for the new total). ``cfg=None`` on a new run means the defaults.
+    poly schedule is rebuilt for the new total). ``cfg=None`` on a new run plans one from the data
+    (:mod:`volseg.data.planning`, for ``device``; ``RUN/planned_config.yaml`` and
+    ``RUN/fingerprint.json`` keep the plan) with ``overrides`` (``section.key=value``) on top.
     While it runs, ``output/.lock`` refuses a second ``train`` on the same folder.
     """
     run = Path(output)
@@ -83,8 +88,23 @@ def train(
         if not resume and (run / "last.pt").exists():
             raise FileExistsError(f"{run} already holds a run (last.pt); pass --resume to continue it or choose another --output.")
         attach_log_file(run / "train.log")
-        cfg, plan, split = _setup(load_manifest(manifest), cfg, run, resume)
+        man = load_manifest(manifest)
+        if cfg is None and not resume:
+            cfg = _planned(man, run, device, overrides)
+        cfg, plan, split = _setup(man, cfg, run, resume)
         return _fit(run, cfg, plan, split, resume, device, progress)
+
+
+def _planned(man: Manifest, run: Path, device: str, overrides: Sequence[str]) -> Config:
+    """The planner's config for ``man`` on ``device``, with ``overrides`` applied (checked
+    first: a mistyped key fails before the data are read)."""
+    from ..config import load_config
+    from ..data.planning import plan_manifest
+    from ..inference.predictor import resolve_device
+
+    load_config(None, overrides)
+    return plan_manifest(man, run / "planned_config.yaml", device=resolve_device(device).type,
+                         fingerprint_path=run / "fingerprint.json", overrides=overrides)
 
 
 def _setup(man: Manifest, cfg: Optional[Config], run: Path, resume: bool) -> Tuple[Config, Plan, tuple]:

@@ -1,0 +1,143 @@
+"""The planner: fingerprint -> commented config, on synthetic datasets of known properties."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from volseg.cli import main
+from volseg.config import ModelConfig, load_config
+from volseg.data.manifest import is_ct_modality, load_manifest
+from volseg.data.planning import fingerprint, measure_step_memory, plan_config, render_plan
+
+
+@pytest.fixture(scope="module")
+def thick(tmp_path_factory):
+    """0.7 x 0.7 x 5 mm CT phantoms: thick-slice data."""
+    from volseg.data.synth import make_dataset
+
+    man = load_manifest(make_dataset(tmp_path_factory.mktemp("thick"), cases=3, test_cases=0, shape=(48, 48, 16), spacing=(0.7, 0.7, 5.0), seed=1))
+    return man, fingerprint(man, man.training)
+
+
+@pytest.fixture(scope="module")
+def iso(tmp_path_factory):
+    """1.5 mm isotropic CT phantoms, big enough that small budgets limit the patch."""
+    from volseg.data.synth import make_dataset
+
+    man = load_manifest(make_dataset(tmp_path_factory.mktemp("iso"), cases=3, test_cases=0, shape=(48, 48, 40), spacing=(1.5, 1.5, 1.5), seed=2))
+    return man, fingerprint(man, man.training)
+
+
+@pytest.mark.parametrize("name, ct", [("CT", True), ("ct", True), ("CECT", True), ("CT arterial", True), ("venous-phase ct", True),
+                                      ("Computed Tomography", True), ("MRI", False), ("T2", False), ("SPECT", False), ("PET", False), ("ADC", False)])
+def test_ct_modality_names(name, ct):
+    assert is_ct_modality(name) is ct
+
+
+def test_thick_slices_get_the_anisotropic_treatment(thick, iso):
+    man, fp = thick
+    cfg, comments = plan_config(fp, man, memory_gb=0.5)
+    assert cfg.data.spacing == pytest.approx((0.7, 0.7, 5.0), abs=1e-3)
+    assert cfg.data.slice_axis == 2 and "2D slice mode" in comments["data", "spacing"]
+    # the thick axis takes the 10th percentile, not the median
+    fp2 = dict(fp, spacings_mm=[[0.7, 0.7, s] for s in (2.5, 5.0, 5.0)])
+    assert plan_config(fp2, man, memory_gb=0.5)[0].data.spacing[2] == pytest.approx(np.percentile([2.5, 5, 5], 10))
+    man_iso, fp_iso = iso
+    cfg_iso, comments_iso = plan_config(fp_iso, man_iso, memory_gb=0.5)
+    assert cfg_iso.data.spacing == pytest.approx((1.5, 1.5, 1.5)) and ("data", "slice_axis") not in comments_iso
+    assert "not thick-slice" in comments_iso["data", "spacing"]
+
+
+def test_rare_class_is_oversampled(iso):
+    man, fp = iso
+    cfg, comments = plan_config(fp, man, memory_gb=0.5)
+    frac = {c["name"]: c["voxel_fraction"] for c in fp["classes"]}
+    assert frac["lesion"] < frac["kidney"] < frac["liver"]
+    ratios = dict(zip(["background", "liver", "kidney", "lesion"], cfg.data.class_ratios))
+    assert ratios["liver"] == 1 and ratios["lesion"] > ratios["kidney"] > ratios["liver"]
+    assert ratios["background"] == pytest.approx(np.mean(cfg.data.class_ratios[1:]), abs=0.01)  # background keeps its 1/K share
+    assert "lesion" in comments["data", "class_ratios"]
+
+
+def test_bigger_memory_budget_gives_a_bigger_patch(iso):
+    man, fp = iso
+    plans = [plan_config(fp, man, memory_gb=gb)[0] for gb in (0.01, 0.05, 1.0)]
+    voxels = [int(np.prod(c.data.patch_size)) for c in plans]
+    assert voxels[0] < voxels[1] < voxels[2], voxels
+    for gb, c in zip((0.01, 0.05, 1.0), plans):  # each fits its budget, measured at the planned batch
+        need = measure_step_memory(c.model, 1, 4, c.data.patch_size, c.train.batch_size)
+        assert need <= gb * 2**30 and c.train.batch_size >= 2
+    # the biggest covers the median case (60 voxels along z at 1.5 mm), so it cannot grow
+    assert plans[2].data.patch_size[2] >= 40
+    # the dry pass measures the network: more levels, features or batch need more memory
+    small = ModelConfig(features=(8, 16))
+    assert measure_step_memory(small, 1, 4, (32, 32, 32), 2) < measure_step_memory(small, 1, 4, (32, 32, 32), 3)
+    assert measure_step_memory(small, 1, 4, (32, 32, 32), 2) < measure_step_memory(ModelConfig(features=(16, 32)), 1, 4, (32, 32, 32), 2)
+
+
+def test_depth_lets_the_bottleneck_see_the_patch(iso):
+    from volseg.nets import receptive_field
+
+    man, fp = iso
+    cfg, comments = plan_config(fp, man, memory_gb=1.0)
+    levels = len(cfg.model.features)
+    assert receptive_field(cfg.model) >= max(cfg.data.patch_size) or min(cfg.data.patch_size) // 2 ** levels < 4
+    assert min(cfg.data.patch_size) // 2 ** (levels - 1) >= 4
+    assert "receptive field" in comments["model", "features"]
+
+
+def test_plan_command_writes_a_commented_config_that_loads(iso, tmp_path, capsys):
+    man, _ = iso
+    out = tmp_path / "planned.yaml"
+    assert main(["plan", str(man.path), "--output", str(out), "--memory", "0.05", "--device", "cpu"]) == 0
+    assert str(out) in capsys.readouterr().out
+    cfg = load_config(out)
+    planned = [ln for ln in out.read_text(encoding="utf-8").splitlines() if ln.startswith("  ")]
+    assert planned and all("  # " in ln for ln in planned)  # every decision says why
+    assert yaml.safe_load(out.read_text(encoding="utf-8"))["data"]["patch_size"] == list(cfg.data.patch_size)
+    fp = json.loads((tmp_path / "planned.fingerprint.json").read_text(encoding="utf-8"))
+    assert fp["cases"] == 3 and fp["channels"][0]["ct"] and len(fp["classes"]) == 4
+    assert main(["plan", str(man.path), "--output", str(tmp_path / "bad.yaml"), "--memory", "-1"]) == 2
+
+
+def test_train_without_config_plans_and_trains(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    sets = ["train.epochs=1", "train.steps_per_epoch=2", "train.val_every=1", "infer.overlap=0.25"]
+    assert main(["-q", "train", str(tiny_dataset), "--output", str(run), "--device", "cpu"] + sum((["--set", s] for s in sets), [])) == 0
+    planned = load_config(run / "planned_config.yaml")
+    used = load_config(run / "config.yaml")
+    assert used.data.patch_size == planned.data.patch_size and used.data.class_ratios == planned.data.class_ratios
+    assert used.model.features == planned.model.features and used.train.epochs == 1  # the override on top of the plan
+    assert json.loads((run / "fingerprint.json").read_text(encoding="utf-8"))["cases"] == 4
+    rows = (run / "metrics.csv").read_text(encoding="utf-8").splitlines()
+    header, last = rows[0].split(","), rows[-1].split(",")
+    dice = [v for k, v in zip(header, last) if k.startswith("val_dice")]
+    assert dice and all(v != "" for v in dice)  # validation ran
+
+
+def test_render_plan_is_yaml_with_a_comment_per_key(iso):
+    man, fp = iso
+    cfg, comments = plan_config(fp, man, memory_gb=0.05)
+    text = render_plan(cfg, comments, "test")
+    assert yaml.safe_load(text)["model"]["features"] == list(cfg.model.features)
+    assert text.count("  # ") == len(comments)
+
+
+@pytest.mark.cuda
+def test_cuda_plan_measures_on_the_gpu_and_fits_its_budget(iso):
+    """On a GPU the dry pass is real (AMP, peak allocated memory); a tiny budget limits the patch
+    and the planned step fits it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    man, fp = iso
+    small = plan_config(fp, man, memory_gb=0.05, device="cuda")[0]
+    free = plan_config(fp, man, device="cuda")[0]
+    assert small.model.features[0] == 32 and np.prod(small.data.patch_size) <= np.prod(free.data.patch_size)
+    need = measure_step_memory(small.model, 1, 4, small.data.patch_size, small.train.batch_size, device="cuda")
+    assert need <= 0.05 * 2**30

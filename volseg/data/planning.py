@@ -1,0 +1,399 @@
+"""Planning: dataset fingerprint -> an ordinary, commented config YAML.
+
+:func:`fingerprint` reads every labelled training case once: spacings and shapes (canonical
+axis order), per-channel foreground intensity statistics, class voxel frequencies and the size
+of the smallest structure of each class. :func:`plan_config` turns it into a
+:class:`~volseg.config.Config` and one comment per decision (nnU-Net's rules, in readable form):
+
+* target spacing: the median; thick-slice data (max/min spacing > :data:`ANISOTROPY`) gets the
+  10th percentile along the thick axis, and the comment recommends 2D slice mode;
+* network depth: the fewest levels whose receptive field covers the patch, but no pooling of an
+  axis below 4 voxels; features double per level from 32 (GPU) or 16 (CPU), capped;
+* patch and batch: candidate patches shaped like the median case, smallest first, each measured
+  with a dry forward/backward pass of that network at batch 2 (GPU: a real pass and its peak
+  allocated memory; CPU: a pass on torch's ``meta`` device, which runs the same graph without
+  compute, summing the tensors autograd saves), the largest that fits the memory budget wins;
+  once the patch covers the median case, the batch grows while it fits (at most 5% of the
+  dataset's voxels per batch, nnU-Net's cap);
+* normalisation: ``auto`` (CT channels, see :func:`~volseg.data.manifest.is_ct_modality`, are
+  clipped to the foreground percentiles and z-scored; others z-scored per image), logged per
+  channel;
+* class sampling ratios: rarer classes are drawn more often, ``(commonest / own) ** 0.25``
+  voxel frequency, clipped to [1, 2]; background keeps its default share.
+
+:func:`write_plan` writes the YAML (every line ``key: value  # why``) and the fingerprint JSON
+beside it; the YAML loads with :func:`volseg.config.load_config` like any config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..config import Config, ConfigError, ModelConfig, apply_overrides, from_dict, load_config, to_dict
+from .io import write_text
+from .manifest import Case, Manifest, is_ct_modality
+from .preprocess import load_case, to_canonical
+
+log = logging.getLogger(__name__)
+
+__all__ = ["fingerprint", "plan_config", "write_plan", "plan_manifest", "measure_step_memory", "DEFAULT_CPU_MEMORY_GB"]
+
+ANISOTROPY = 3.0  # max/min target spacing above which data count as thick-slice (nnU-Net's value)
+#: CPU planning budget when --memory is not given: a CPU step on a 2 GB network already takes
+#: seconds, so bigger patches buy little there
+DEFAULT_CPU_MEMORY_GB = 2.0
+GPU_MEMORY_MARGIN = 0.85  # of the GPU's free memory: cuDNN workspaces and fragmentation need the rest
+MAX_LEVELS = 6
+PATCH_SIDES = (16, 24, 32, 40, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)  # longest patch axis, candidates
+MAX_BATCH = 32
+
+Comments = Dict[Tuple[str, str], str]
+
+
+# ---------------------------------------------------------------------------------------------
+# fingerprint
+
+
+def fingerprint(manifest: Manifest, cases: Sequence[Case], orientation: str = "RAS", max_samples: int = 100_000, seed: int = 0) -> dict:
+    """Dataset fingerprint as a JSON-able dict. Spacings (mm) and shapes (voxels) are in the
+    canonical ``orientation``'s (x, y, z) order; intensity statistics are over labelled
+    foreground voxels (at most ``max_samples`` per channel, drawn evenly from the cases).
+    ``classes[i]["smallest_mm3"]``: the smallest volume the class has in any one case (None
+    when it never occurs)."""
+    rng = np.random.default_rng(seed)
+    values = sorted(manifest.labels)
+    per_case = max(1, max_samples // max(1, len(cases)))
+    spacings, shapes, samples = [], [], [[] for _ in manifest.modalities]
+    counts = np.zeros(len(values), np.int64)
+    smallest: Dict[int, float] = {}
+    present = {v: 0 for v in values}
+    for case in cases:
+        images, label = load_case(case)
+        canon = to_canonical(images[0], orientation)
+        spacings.append([float(s) for s in canon.GetSpacing()])
+        shapes.append([int(s) for s in canon.GetSize()])
+        lab = sitk.GetArrayViewFromImage(label)
+        case_counts = np.bincount(lab.ravel().astype(np.intp, copy=False), minlength=max(values) + 1)
+        voxel_mm3 = float(np.prod(canon.GetSpacing()))
+        for i, v in enumerate(values):
+            counts[i] += case_counts[v]
+            if v and case_counts[v]:
+                present[v] += 1
+                smallest[v] = min(smallest.get(v, math.inf), case_counts[v] * voxel_mm3)
+        mask = lab > 0
+        for c, img in enumerate(images):
+            vals = sitk.GetArrayViewFromImage(img)[mask]
+            samples[c].append(rng.choice(vals, per_case, replace=False) if vals.size > per_case else vals)
+    return {
+        "cases": len(cases),
+        "orientation": orientation.upper(),
+        "spacings_mm": spacings,
+        "shapes": shapes,
+        "channels": [_channel_stats(name, samples[c]) for c, name in enumerate(manifest.modalities)],
+        "classes": [
+            {"value": v, "name": manifest.labels[v], "voxel_fraction": float(counts[i] / max(1, counts.sum())),
+             "cases_present": present[v] if v else len(cases), "smallest_mm3": smallest.get(v)}
+            for i, v in enumerate(values)
+        ],
+    }
+
+
+def _channel_stats(name: str, samples: List[np.ndarray]) -> dict:
+    vals = np.concatenate(samples).astype(np.float64) if samples else np.zeros(0)
+    stats = {"name": name, "ct": is_ct_modality(name), "foreground_voxels_sampled": int(vals.size)}
+    if vals.size:
+        p = np.percentile(vals, [0.5, 50, 99.5])
+        stats.update(mean=float(vals.mean()), std=float(vals.std()), p00_5=float(p[0]), median=float(p[1]), p99_5=float(p[2]))
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# decisions
+
+
+def _target_spacing(fp: dict) -> Tuple[Tuple[float, ...], Optional[int], str]:
+    """(spacing mm, thick axis or None, comment)."""
+    sp = np.array(fp["spacings_mm"])
+    target = np.median(sp, axis=0)
+    ratio = target.max() / target.min()
+    if ratio <= ANISOTROPY:
+        return tuple(round(float(s), 4) for s in target), None, f"median of the training cases (max/min {ratio:.1f} <= {ANISOTROPY:g}: not thick-slice)"
+    thick = int(np.argmax(target))
+    target[thick] = np.percentile(sp[:, thick], 10)
+    axis = "xyz"[thick]
+    return (tuple(round(float(s), 4) for s in target), thick,
+            f"thick-slice data ({axis} {ratio:.1f}x the finest median spacing > {ANISOTROPY:g}): median in-plane, 10th percentile "
+            f"along {axis} (nnU-Net's rule); 3D pooling barely applies along {axis}, so also try 2D slice mode "
+            f"(model.spatial_dims: 2, data.slice_axis: {thick}, a 2-entry data.patch_size)")
+
+
+def _memory_budget(memory_gb: Optional[float], device: str) -> Tuple[float, str]:
+    """(bytes, comment): --memory wins; else the GPU's free memory (cuda) or the CPU default."""
+    if memory_gb is not None:
+        if not memory_gb > 0:
+            raise ConfigError(f"--memory={memory_gb!r} must be > 0 (GB).")
+        return memory_gb * 2**30, f"{memory_gb:g} GB (--memory)"
+    if device == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        return free * GPU_MEMORY_MARGIN, f"{GPU_MEMORY_MARGIN:.0%} of the GPU's {free / 2**30:.1f} GB free ({total / 2**30:.0f} GB total)"
+    return DEFAULT_CPU_MEMORY_GB * 2**30, f"{DEFAULT_CPU_MEMORY_GB:g} GB, the CPU default (--memory GB to change)"
+
+
+def _levels(patch: Sequence[float], base: int) -> int:
+    """Fewest levels whose receptive field covers the longest patch axis, but no more poolings
+    than leave the shortest axis >= 4 voxels at the bottleneck (nnU-Net's limit)."""
+    from ..nets import receptive_field
+
+    by_pool = max(2, 1 + int(math.floor(math.log2(max(4.0, min(patch)) / 4))))
+    for levels in range(2, MAX_LEVELS + 1):
+        if levels >= by_pool or receptive_field(ModelConfig(features=_features(levels, base))) >= max(patch):
+            return min(levels, by_pool)
+    return min(MAX_LEVELS, by_pool)
+
+
+def _features(levels: int, base: int) -> Tuple[int, ...]:
+    cap = 320 if base >= 32 else 128
+    return tuple(min(base * 2**i, cap) for i in range(levels))
+
+
+def _candidate(median: np.ndarray, side: int, base: int) -> Tuple[Tuple[int, ...], int]:
+    """(patch, levels): the median case's shape scaled so its longest axis is ``side``, rounded up
+    to the network's input multiple, never beyond the median case (rounded up)."""
+    raw = np.minimum(median * side / median.max(), median)
+    levels = _levels(raw, base)
+    m = 2 ** (levels - 1)
+    cap = np.ceil(median / m) * m
+    return tuple(int(v) for v in np.minimum(np.maximum(m, np.ceil(raw / m) * m), cap)), levels
+
+
+def measure_step_memory(model: ModelConfig, in_channels: int, out_channels: int, patch: Sequence[int], batch: int, device: str = "cpu") -> float:
+    """Bytes one training step of ``model`` on ``(batch, in_channels, *patch)`` needs, measured
+    with a dry forward/backward pass. ``cuda``: the real pass (AMP, as training) and its peak
+    allocated memory, ``inf`` when it runs out. ``cpu``: the same pass on the ``meta`` device
+    (shapes only, no compute, about 0.1 s): the tensors autograd saves for backward plus weights,
+    gradients and two AdamW moments, plus twice the largest saved tensor for backward's
+    temporaries."""
+    import torch
+
+    from ..nets import build_network
+
+    if device == "cuda":
+        return _measure_cuda(model, in_channels, out_channels, patch, batch)
+    saved: Dict[int, int] = {}
+
+    def pack(t):
+        saved[id(t)] = t.numel() * t.element_size()  # id: a tensor saved by two layers counts once
+        return t
+
+    with torch.device("meta"):
+        net = build_network(model, in_channels, out_channels)
+        x = torch.zeros(batch, in_channels, *patch)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = net(x)
+        sum(o.float().mean() for o in (out if isinstance(out, list) else [out])).backward()
+    params = sum(p.numel() * p.element_size() for p in net.parameters())
+    return float(sum(saved.values()) + 2 * max(saved.values()) + 4 * params + x.numel() * x.element_size())
+
+
+def _measure_cuda(model: ModelConfig, in_channels: int, out_channels: int, patch: Sequence[int], batch: int) -> float:
+    import torch
+
+    from ..nets import build_network
+
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        net = build_network(model, in_channels, out_channels).cuda()
+        opt = torch.optim.AdamW(net.parameters())
+        x = torch.zeros(batch, in_channels, *patch, device="cuda")
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = net(x)
+            loss = sum(o.float().mean() for o in (out if isinstance(out, list) else [out]))
+        loss.backward()
+        opt.step()
+        return float(torch.cuda.max_memory_allocated() - base)
+    except torch.cuda.OutOfMemoryError:
+        return math.inf
+    finally:
+        net = opt = x = out = loss = None  # noqa: F841  free before the next candidate
+        torch.cuda.empty_cache()
+
+
+def _patch_and_batch(fp: dict, spacing: Sequence[float], budget: float, device: str, n_in: int, n_out: int) -> Tuple[dict, str, str]:
+    """Largest candidate patch whose step fits ``budget`` at batch 2, then the largest batch.
+    Returns ({patch, levels, features, batch, bytes}, patch comment, batch comment)."""
+    base = 32 if device == "cuda" else 16
+    extent = np.median(np.array(fp["shapes"]) * np.array(fp["spacings_mm"]), axis=0)
+    median = extent / np.array(spacing)  # voxels at the target spacing, as make_plan computes it
+    best, smallest, tried = None, None, set()
+    for side in PATCH_SIDES:
+        patch, levels = _candidate(median, side, base)
+        if patch in tried:
+            continue
+        tried.add(patch)
+        model = ModelConfig(features=_features(levels, base))
+        need = measure_step_memory(model, n_in, n_out, patch, 2, device)
+        log.debug("patch %s, %d levels, batch 2: %.2f GB", patch, levels, need / 2**30)
+        smallest = smallest or dict(patch=patch, levels=levels, features=model.features, batch=2, bytes=need)
+        if need > budget:
+            break
+        best = dict(patch=patch, levels=levels, features=model.features, batch=2, bytes=need)
+    if best is None:
+        log.warning("even the smallest patch %s needs %.2f GB at batch 2, over the budget of %.2f GB; planned it anyway",
+                    smallest["patch"], smallest["bytes"] / 2**30, budget / 2**30)
+        return smallest, f"smallest candidate; a step at batch 2 needs {smallest['bytes'] / 2**30:.2f} GB, OVER the budget", "2, the minimum"
+    whole = best["patch"] == _candidate(median, 10**6, base)[0]  # no bigger candidate exists
+    shape = np.round(median).astype(int).tolist()
+    why = f"covers the median case ({shape} voxels)" if whole else f"largest candidate shaped like the median case ({shape} voxels) that fits"
+    patch_comment = f"{why}; a step at batch 2 needs {best['bytes'] / 2**30:.2f} GB (measured, dry pass on {device})"
+    batch_comment = "2: the patch is limited by memory, so the batch stays at the minimum"
+    if whole:
+        best, batch_comment = _grow_batch(best, fp, budget, device, n_in, n_out)
+    return best, patch_comment, batch_comment
+
+
+def _grow_batch(best: dict, fp: dict, budget: float, device: str, n_in: int, n_out: int) -> Tuple[dict, str]:
+    """The patch covers the median case: spend the remaining memory on the batch, up to 5% of
+    the dataset's voxels per batch (nnU-Net's cap; bigger batches only repeat the same cases)."""
+    voxels = sum(float(np.prod(s)) for s in fp["shapes"])
+    cap = int(min(MAX_BATCH, max(2, 0.05 * voxels / float(np.prod(best["patch"])))))
+    model = ModelConfig(features=best["features"])
+    while best["batch"] < cap:
+        need = measure_step_memory(model, n_in, n_out, best["patch"], best["batch"] + 1, device)
+        if need > budget:
+            break
+        best = dict(best, batch=best["batch"] + 1, bytes=need)
+    return best, (f"{best['batch']}: the patch covers the median case, the remaining memory goes to the batch "
+                  f"(cap {cap}: 5% of the dataset's voxels per batch); needs {best['bytes'] / 2**30:.2f} GB")
+
+
+def _class_ratios(fp: dict) -> Tuple[Optional[Tuple[float, ...]], str]:
+    """Foreground class c: ``(commonest foreground fraction / own) ** 0.25`` in [1, 2], so rare
+    classes are drawn more often; background: the foreground classes' mean, so it keeps the
+    default's 1/K share of patch centres. Milder rules matter: the default (equal per class)
+    already oversamples a 0.2% class 100-fold, and 4x for the phantoms' lesion cost the kidney
+    its Dice in the short training of tests/test_learning.py (0.0 vs 0.9 with this rule)."""
+    fg = [c for c in fp["classes"] if c["value"] != 0]
+    common = max(c["voxel_fraction"] for c in fg)
+    if common <= 0:
+        log.warning("no training case has a foreground voxel; class sampling left equal")
+        return None, "null: no foreground voxels in the training labels (check them)"
+    ratios = [round(float(np.clip((common / c["voxel_fraction"]) ** 0.25, 1, 2)) if c["voxel_fraction"] > 0 else 1.0, 2) for c in fg]
+    parts = []
+    for c, r in zip(fg, ratios):
+        small = f", smallest {c['smallest_mm3']:.0f} mm3" if c["smallest_mm3"] else ", never present"
+        parts.append(f"{c['name']} {c['voxel_fraction']:.2%}{small} -> {r:g}")
+    background = round(float(np.mean(ratios)), 2)
+    return (background, *ratios), (f"background {background:g} (the mean: its default share), then (commonest/own voxel "
+                                   "fraction)^0.25 in [1, 2]: " + "; ".join(parts))
+
+
+def _normalisation(fp: dict) -> str:
+    """The comment on ``data.normalization: auto``; each channel's scheme is logged."""
+    parts = []
+    for c, ch in enumerate(fp["channels"]):
+        if ch["ct"]:
+            rng = f" ({ch['p00_5']:.0f}..{ch['p99_5']:.0f} HU here)" if "p00_5" in ch else ""
+            text = f"channel {c} {ch['name']!r} is CT: clip to the foreground 0.5-99.5 percentiles{rng}, z-score with their mean/std"
+        else:
+            text = f"channel {c} {ch['name']!r} is not CT: z-score per image over nonzero voxels"
+        log.info("normalisation: %s", text)
+        parts.append(text)
+    return "auto; " + "; ".join(parts)
+
+
+def plan_config(fp: dict, manifest: Manifest, memory_gb: Optional[float] = None, device: str = "cpu") -> Tuple[Config, Comments]:
+    """The planned :class:`Config` for fingerprint ``fp`` of ``manifest``'s cases and a
+    one-line reason per planned key (``{(section, key): comment}``). ``device``: ``cpu`` or
+    ``cuda`` (where the budget and the dry pass come from)."""
+    n_in, n_out = len(manifest.modalities), (1 if len(manifest.labels) == 2 else len(manifest.labels))
+    spacing, thick, spacing_why = _target_spacing(fp)
+    budget, budget_why = _memory_budget(memory_gb, device)
+    best, patch_why, batch_why = _patch_and_batch(fp, spacing, budget, device, n_in, n_out)
+    ratios, ratios_why = _class_ratios(fp)
+    from ..nets import receptive_field
+
+    rf = receptive_field(ModelConfig(features=best["features"]))
+    bottleneck = [p // 2 ** (best["levels"] - 1) for p in best["patch"]]
+    data = {
+        "model": {"variant": "unet", "spatial_dims": 3, "features": list(best["features"])},
+        "data": {"spacing": list(spacing), "patch_size": list(best["patch"]), "normalization": "auto", "class_ratios": ratios and list(ratios)},
+        "train": {"batch_size": best["batch"]},
+    }
+    comments: Comments = {
+        ("model", "variant"): "the plain U-Net: nnU-Net showed a well-configured plain U-Net is hard to beat",
+        ("model", "spatial_dims"): "3D" + (" (see data.spacing for the 2D option)" if thick is not None else ""),
+        ("model", "features"): (f"{best['levels']} levels: receptive field {rf} voxels vs longest patch axis {max(best['patch'])}, "
+                                f"bottleneck {bottleneck} voxels (>= 4 per axis); {best['features'][0]} features doubling per level"
+                                f"{', the GPU start' if device == 'cuda' else ', halved for the CPU'}, capped at {max(_features(8, best['features'][0]))}"),
+        ("data", "spacing"): f"mm, (x, y, z) in RAS order; {spacing_why}",
+        ("data", "patch_size"): f"voxels at data.spacing; memory budget {budget_why}: {patch_why}",
+        ("data", "normalization"): _normalisation(fp),
+        ("data", "class_ratios"): ratios_why,
+        ("train", "batch_size"): batch_why,
+    }
+    if thick is not None:
+        data["data"]["slice_axis"] = thick
+        comments[("data", "slice_axis")] = "the thick axis, ready for 2D slice mode (unused in 3D)"
+    log.info("plan: spacing %s mm, patch %s, batch %d, features %s", spacing, best["patch"], best["batch"], best["features"])
+    return from_dict(data), comments
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def render_plan(cfg: Config, comments: Comments, source: str) -> str:
+    """The YAML text: a header, then ``key: value  # why`` for every planned key."""
+    d = to_dict(cfg)
+    lines = [
+        f"# Planned by `volseg plan` from {source}.",
+        "# Each value says why it was chosen; edit freely. Keys not listed take their defaults",
+        "# (volseg/config.py); unknown keys are errors. The fingerprint is in the JSON beside this file.",
+    ]
+    for section in ("model", "data", "augment", "train", "infer"):
+        keys = [k for s, k in comments if s == section]
+        if keys:
+            lines.append(f"{section}:")
+            lines += [f"  {k}: {json.dumps(d[section][k])}  # {comments[section, k]}" for k in keys]
+    return "\n".join(lines) + "\n"
+
+
+def write_plan(cfg: Config, comments: Comments, fp: dict, path: Union[str, Path], fingerprint_path: Union[str, Path, None] = None) -> Tuple[Path, Path]:
+    """Write the commented config to ``path`` and ``fp`` to ``fingerprint_path`` (default:
+    ``<path stem>.fingerprint.json`` beside it); return both paths. The written YAML is read back
+    and must give ``cfg`` again."""
+    path = Path(path)
+    fp_path = Path(fingerprint_path) if fingerprint_path else path.with_name(path.stem + ".fingerprint.json")
+    write_text(path, render_plan(cfg, comments, f"{fp['cases']} training cases of {fp.get('manifest', 'a manifest')}"))
+    write_text(fp_path, json.dumps(fp, indent=2) + "\n")
+    if load_config(path) != cfg:  # pragma: no cover - a rendering bug, never a user error
+        raise RuntimeError(f"{path} does not read back as the planned config; please report this.")
+    return path, fp_path
+
+
+def plan_manifest(manifest: Manifest, output: Union[str, Path], memory_gb: Optional[float] = None, device: str = "cpu",
+                  fingerprint_path: Union[str, Path, None] = None, overrides: Sequence[str] = ()) -> Config:
+    """Validate and fingerprint ``manifest``'s training cases, plan, write the config YAML to
+    ``output`` (and the fingerprint beside it) and return the planned config with ``overrides``
+    (``section.key=value``) applied on top."""
+    from .manifest import validate_cases
+
+    if memory_gb is not None:
+        _memory_budget(memory_gb, device)  # a bad --memory fails before the data are read
+    validate_cases(manifest, manifest.training, min_cases=1)
+    log.info("fingerprinting %d training cases of %s", len(manifest.training), manifest.path)
+    fp = dict(manifest=str(manifest.path), **fingerprint(manifest, manifest.training))
+    cfg, comments = plan_config(fp, manifest, memory_gb=memory_gb, device=device)
+    write_plan(cfg, comments, fp, output, fingerprint_path)
+    return from_dict(apply_overrides(to_dict(cfg), overrides)) if overrides else cfg

@@ -26,7 +26,7 @@ from volseg.cli import main
 from volseg.data.io import ImageReadError, TEMP_PREFIX, read_channels, read_image, write_image, write_text
 from volseg.data.synth import make_case, make_dataset
 
-from .conftest import TINY
+from .conftest import TINY, write_dicom_series
 
 
 def _scan(tmp: Path, name: str = "scan.nii.gz", shape=(20, 18, 16), spacing=(1.5, 1.5, 2.0)) -> Path:
@@ -239,32 +239,11 @@ def test_sheared_sform_is_refused(tmp_path):
         read_image(path)
 
 
-def _dicom_series(image: sitk.Image, folder: Path, series_uid: str) -> None:
-    """A minimal CT series, one file per slice (SimpleITK's GDCM writer); the series UID tag
-    tells GDCM which series a file belongs to."""
-    folder.mkdir(exist_ok=True)
-    image = sitk.Cast(image, sitk.sitkInt16)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    d = image.GetDirection()
-    tags = [("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"), ("0020|000e", series_uid),
-            ("0020|0037", "\\".join(str(v) for v in d[0:3] + d[3:6]))]
-    for i in range(image.GetDepth()):
-        sl = image[:, :, i]
-        for k, v in tags:
-            sl.SetMetaData(k, v)
-        sl.SetMetaData("0020|0032", "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, i))))
-        sl.SetMetaData("0020|0013", str(i))
-        sl.SetMetaData("0008|0018", f"{series_uid}.{i}")
-        writer.SetFileName(str(folder / f"{series_uid[-1]}_{i:03d}.dcm"))
-        writer.Execute(sl)
-
-
 def test_dicom_folder_with_several_series_reads_the_longest(tmp_path, caplog):
     scout = make_case(1, "ct", (20, 20, 16), (2.0, 2.0, 5.0))[0][:, :, :3]  # a localizer-like series
     volume, _ = make_case(2, "ct", (20, 18, 16), (1.5, 1.5, 2.0))
-    _dicom_series(scout, tmp_path / "study", "1.2.826.0.1.3680043.2.1125.7")
-    _dicom_series(volume, tmp_path / "study", "1.2.826.0.1.3680043.2.1125.8")
+    write_dicom_series(scout, tmp_path / "study", "1.2.826.0.1.3680043.2.1125.7")
+    write_dicom_series(volume, tmp_path / "study", "1.2.826.0.1.3680043.2.1125.8")
     with caplog.at_level(logging.WARNING, logger="volseg"):
         img = read_image(tmp_path / "study")
     assert img.GetSize() == volume.GetSize()

@@ -20,7 +20,7 @@ from volseg.cli import main
 from volseg.data.io import read_image, write_image
 from volseg.data.synth import make_case
 
-from .conftest import TINY
+from .conftest import TINY, write_dicom_series
 
 
 def _rows(run: Path):
@@ -252,28 +252,9 @@ def test_predictor_slabs_tta_and_largest_component(tiny_run):
     assert ndimage.label(index == 1, structure=np.ones((3, 3, 3)))[1] <= 1
 
 
-def _write_dicom_series(image: sitk.Image, folder: Path) -> None:
-    """A minimal CT DICOM series, one file per slice (SimpleITK's GDCM writer)."""
-    folder.mkdir()
-    image = sitk.Cast(image, sitk.sitkInt16)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    direction = image.GetDirection()
-    tags = [("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"), ("0020|000e", "1.2.826.0.1.3680043.2.1125.2"),
-            ("0020|0037", "\\".join(str(v) for v in direction[0:3] + direction[3:6]))]
-    for i in range(image.GetDepth()):
-        sl = image[:, :, i]
-        for k, v in tags:
-            sl.SetMetaData(k, v)
-        sl.SetMetaData("0020|0032", "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, i))))
-        sl.SetMetaData("0020|0013", str(i))
-        writer.SetFileName(str(folder / f"slice_{i:03d}.dcm"))
-        writer.Execute(sl)
-
-
 def test_infer_dicom_series_folder(tiny_run, tmp_path):
     image, _ = make_case(4, "ct", (30, 28, 20), (1.2, 1.2, 2.0), orientation="LPS")
-    _write_dicom_series(image, tmp_path / "series")
+    write_dicom_series(image, tmp_path / "series")
     ref = read_image(tmp_path / "series")
     assert ref.GetSize() == image.GetSize()
     assert main(["-q", "infer", str(tmp_path / "series"), "--model", str(tiny_run)]) == 0

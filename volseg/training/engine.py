@@ -83,12 +83,12 @@ def train(
     run = Path(output)
     if resume and not (run / "last.pt").is_file():
         raise FileNotFoundError(f"--resume: {run / 'last.pt'} does not exist; start a new run without --resume.")
+    man = load_manifest(manifest)  # before the folder is made: a bad manifest leaves nothing behind
     run.mkdir(parents=True, exist_ok=True)
     with RunLock(run):
         if not resume and (run / "last.pt").exists():
             raise FileExistsError(f"{run} already holds a run (last.pt); pass --resume to continue it or choose another --output.")
         attach_log_file(run / "train.log")
-        man = load_manifest(manifest)
         if cfg is None and not resume:
             cfg = _planned(man, run, device, overrides)
         cfg, plan, split = _setup(man, cfg, run, resume)

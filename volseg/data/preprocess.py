@@ -32,7 +32,7 @@ from .manifest import Case, Manifest, is_ct_modality
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Plan", "make_plan", "load_case", "preprocess", "preprocess_case", "restore_labels", "restore_probabilities", "to_canonical", "resample"]
+__all__ = ["Plan", "make_plan", "load_case", "preprocess", "preprocess_case", "restore_labels", "to_canonical", "resample"]
 
 
 @dataclass(frozen=True)
@@ -535,13 +535,6 @@ def restore_labels(probs: np.ndarray, plan: Plan, reference: sitk.Image) -> np.n
     ``[z, y, x]`` label *values* on ``reference``'s voxel grid (uint8 when they fit).
     """
     return _restore(probs, plan, reference, False).labels()
-
-
-def restore_probabilities(probs: np.ndarray, plan: Plan, reference: sitk.Image) -> np.ndarray:
-    """``(K, X, Y, Z)`` probabilities -> ``(K, z, y, x)`` uint8 (probability x 255) on
-    ``reference``'s grid. 8 bits keep 0.004 precision at half the size of float16, which NIfTI
-    cannot store anyway."""
-    return _restore(probs, plan, reference, True).probabilities
 
 
 # CT voxels above this (HU) count as body: air is about -1000 HU, lung about -850..-500

@@ -7,12 +7,11 @@ folder stores the *resolved* config (:func:`to_dict`), never the raw file.
 
 The dataclass defaults below are the only defaults. They are what a run gets for every key that
 neither its config file nor the planner sets: a network, patch and batch that train on a laptop
-CPU as well as on any GPU (the planner's CPU-sized choice for a typical CT), a short schedule
-(2,500 steps) that gives a first result within about an hour on a CPU, and nnU-Net's optimiser,
-augmentation and inference settings. Bigger, longer recipes are shipped configs named for their
-purpose (:func:`shipped_configs`; ``gpu_fullres`` for a GPU at full resolution), which set only
-the keys they change; ``configs/default.yaml`` lists every key with its default (a test keeps it
-equal to ``Config()``).
+CPU as well as on any GPU (the network the planner picks on a CPU for a typical CT) and a short
+schedule (2,500 steps) that gives a first result in about an hour on a CPU. Bigger, longer
+recipes are shipped configs named for their purpose (:func:`shipped_configs`; ``gpu_fullres``
+for a GPU at full resolution), which set only the keys they change; ``configs/default.yaml``
+lists every key with its default (a test keeps it equal to ``Config()``).
 """
 
 from __future__ import annotations

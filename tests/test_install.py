@@ -63,10 +63,9 @@ def test_install_holds_every_module_and_shipped_config(site, tmp_path):
 
 
 def test_installed_config_names_from_another_directory(site, tmp_path):
-    for name in ("gpu_fullres", "gpu_fullres.yaml"):
-        res = _run(site, tmp_path, "-m", "volseg", "model", "--config", name)
-        assert res.returncode == 0, res.stderr
-        assert "channels per level: 32, 64, 128, 256, 320" in res.stdout and "deep supervision: True" in res.stdout
+    res = _run(site, tmp_path, "-m", "volseg", "model", "--config", "gpu_fullres.yaml")  # the bare name: tests/test_config.py
+    assert res.returncode == 0, res.stderr
+    assert "channels per level: 32, 64, 128, 256, 320" in res.stdout and "deep supervision: True" in res.stdout
     res = _run(site, tmp_path, "-m", "volseg", "model", "--config", "gpu_fulres")
     assert res.returncode == 2
     assert "'gpu_fulres'" in res.stderr and "'demo'" in res.stderr and "Did you mean 'gpu_fullres'" in res.stderr

@@ -45,9 +45,9 @@ def _device_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_model(args) -> int:
+    cfg = _config(args)  # before importing torch: a mistyped --config fails at once
     from .nets import summarize
 
-    cfg = _config(args)
     print(summarize(cfg.model))
     return 0
 

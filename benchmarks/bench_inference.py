@@ -370,7 +370,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--spacing", type=float, nargs=3, default=(0.8, 0.8, 2.5), help="its spacing, mm (default 0.8 0.8 2.5)")
     p.add_argument("--target-spacing", type=float, nargs=3, default=(1.6, 1.6, 2.5), help="the plan's spacing, mm (default 1.6 1.6 2.5)")
     p.add_argument("--classes", type=int, default=14, help="classes incl. background (untrained network; default 14)")
-    p.add_argument("--features", type=int, nargs="+", default=[32, 64, 128, 256, 320], help="U-Net features (default: configs/default.yaml's)")
+    p.add_argument("--features", type=int, nargs="+", default=[32, 64, 128, 256, 320], help="U-Net features (default: configs/gpu_fullres.yaml's)")
     p.add_argument("--roi", type=int, nargs=3, default=(128, 128, 64), help="training patch = the recipe's roi (default 128 128 64)")
     p.add_argument("--train-steps", type=int, default=0, help="train demo.yaml's network this many steps on phantoms and segment a phantom")
     p.add_argument("--phantom-shape", type=int, nargs=3, default=(128, 128, 80), help="the held-out phantom's grid with --train-steps")

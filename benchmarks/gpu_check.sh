@@ -8,7 +8,7 @@
 # every result goes to "$OUT" (default ./gpu_check_out): text logs and JSON.
 #   0. environment: versions, nvidia-smi, which of volseg's imports are missing
 #   1. pytest -m cuda (the GPU chain against the CPU and against MONAI)
-#   2. speed at the goal size: configs/default.yaml's network (32..320, patch 128^3) on a synthetic
+#   2. speed at the goal size: configs/gpu_fullres.yaml's network (32..320, patch 128^3) on a synthetic
 #      CT of 512x512x200 at 0.8x0.8x2.5 mm (plan spacing 1.6x1.6x2.5), 14 classes, untrained;
 #      rows monai / exact / volseg / window, 3 alternated repeats
 #   3. memory row: 512x512x300, 14 classes (plan spacing 1.5x1.5x2.0): volseg and monai, once each

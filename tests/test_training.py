@@ -112,12 +112,12 @@ def test_predictor_restores_training_mode():
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
 
 
-def test_shipped_default_config_trains_through_validation(tiny_dataset, tmp_path):
-    """configs/default.yaml as shipped (deep supervision, 2 loader workers, memory cache),
+def test_shipped_gpu_fullres_config_trains_through_validation(tiny_dataset, tmp_path):
+    """configs/gpu_fullres.yaml as shipped (deep supervision, 2 loader workers, memory cache),
     shrunk only in size and length."""
     small = ["model.features=[4,8,16]", "data.patch_size=[24,24,16]", "train.epochs=1", "train.steps_per_epoch=2",
              "train.val_every=1", "data.val_fraction=0.25"]
-    cfg = load_config(ROOT / "configs/default.yaml", small)
+    cfg = load_config(ROOT / "configs/gpu_fullres.yaml", small)
     assert cfg.model.deep_supervision and cfg.data.num_workers == 2
     run = train(tiny_dataset, cfg, tmp_path / "run", device="cpu")
     rows = _rows(run)
@@ -554,7 +554,7 @@ def test_cuda_training_with_amp_validation_resume_and_infer(tiny_dataset, tmp_pa
         pytest.skip("no CUDA GPU")
     small = ["model.features=[8,16,32]", "data.patch_size=[24,24,16]", "train.epochs=2", "train.steps_per_epoch=3",
              "train.val_every=1", "data.val_fraction=0.25", "data.num_workers=0"]
-    run = train(tiny_dataset, load_config(ROOT / "configs/default.yaml", small), tmp_path / "run", device="cuda")
+    run = train(tiny_dataset, load_config(ROOT / "configs/gpu_fullres.yaml", small), tmp_path / "run", device="cuda")
     assert [r["epoch"] for r in _rows(run)] == ["1", "2"] and all(r["val_dice_mean"] != "" for r in _rows(run))
     ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["scaler"]["scale"] > 0 and ckpt["epoch"] == 2

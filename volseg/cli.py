@@ -20,12 +20,12 @@ log = logging.getLogger("volseg")
 def _config(args) -> "object":
     from .config import load_config
 
-    path = args.config
-    return load_config(path, args.set or [])
+    return load_config(args.config, args.set or [])
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: Optional[str] = None, without: str = "") -> None:
-    p.add_argument("--config", default=default, help=f"YAML config file (default: {without or '%(default)s'})")
+    p.add_argument("--config", default=default, metavar="FILE_OR_NAME",
+                   help=f"YAML config file, or the name of a shipped config such as gpu_fullres or demo (default: {without or '%(default)s'})")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key, repeatable (e.g. --set train.epochs=10)")
 
 
@@ -45,9 +45,9 @@ def _device_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_model(args) -> int:
+    cfg = _config(args)  # before importing torch: a mistyped --config fails at once
     from .nets import summarize
 
-    cfg = _config(args)
     print(summarize(cfg.model))
     return 0
 
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="generate phantoms, train, infer, evaluate and report (the README's first command)")
     s.add_argument("--output", default="demo", help="folder for everything the demo writes (default: %(default)s)")
-    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a key of configs/demo.yaml")
+    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a key of the shipped demo config (configs/demo.yaml)")
     s.add_argument("--cases", type=int, default=10, help="training phantoms (default: %(default)s)")
     s.add_argument("--test-cases", type=int, default=4, help="held-out phantoms (default: %(default)s)")
     s.add_argument("--shape", type=int, nargs=3, default=[64, 64, 48], metavar=("X", "Y", "Z"), help="approximate phantom grid")

@@ -4,6 +4,14 @@ A config is a tree of frozen dataclasses (``Config`` -> sections -> keys). YAML 
 ``--set section.key=value`` overrides both go through :func:`from_dict`, which rejects unknown
 keys (naming the valid ones), coerces values to the declared type and checks ranges. The run
 folder stores the *resolved* config (:func:`to_dict`), never the raw file.
+
+The dataclass defaults below are the only defaults. They are what a run gets for every key that
+neither its config file nor the planner sets: a network, patch and batch that train on a laptop
+CPU as well as on any GPU (the network the planner picks on a CPU for a typical CT) and a short
+schedule (2,500 steps) that gives a first result in about an hour on a CPU. Bigger, longer
+recipes are shipped configs named for their purpose (:func:`shipped_configs`; ``gpu_fullres``
+for a GPU at full resolution), which set only the keys they change; ``configs/default.yaml``
+lists every key with its default (a test keeps it equal to ``Config()``).
 """
 
 from __future__ import annotations
@@ -13,10 +21,14 @@ import difflib
 import math
 import typing
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple, Union
 
 import yaml
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 __all__ = [
     "ConfigError",
@@ -27,6 +39,8 @@ __all__ = [
     "InferConfig",
     "Config",
     "load_config",
+    "shipped_configs",
+    "find_config",
     "from_dict",
     "to_dict",
     "apply_overrides",
@@ -408,13 +422,42 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
+def shipped_configs() -> Dict[str, Traversable]:
+    """The configs shipped with volseg, by name (file stem, e.g. ``demo``, ``gpu_fullres``).
+
+    Installed (``pip install .``) they are package data in ``volseg/configs/`` (pyproject.toml
+    maps the package ``volseg.configs`` to the top-level ``configs/`` folder); in a source
+    checkout or an editable install they are that ``configs/`` folder itself."""
+    folder = files(__package__).joinpath("configs")
+    if not folder.is_dir():  # not installed from a wheel: the checkout beside the package
+        folder = Path(__file__).resolve().parent.parent / "configs"
+    if not folder.is_dir():
+        return {}
+    return {f.name[: -len(".yaml")]: f for f in sorted(folder.iterdir(), key=lambda f: f.name) if f.name.endswith(".yaml")}
+
+
+def find_config(name_or_path: Union[str, Path]) -> Union[Path, Traversable]:
+    """The config file ``name_or_path`` names: an existing file, else a shipped config given by
+    its bare name with or without ``.yaml`` (``gpu_fullres``, ``gpu_fullres.yaml``). A file of
+    that name in the working directory wins over the shipped one."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    name = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if str(name_or_path) == path.name and name in shipped:
+        return shipped[name]
+    close = difflib.get_close_matches(name, list(shipped), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a shipped config; shipped configs: {list(shipped)}.{hint}")
+
+
 def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides.
+    ``path`` is a file or the name of a shipped config (see :func:`find_config`)."""
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist.")
+        p = find_config(path)
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError as exc:

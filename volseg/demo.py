@@ -14,18 +14,15 @@ from typing import Sequence, Union
 
 log = logging.getLogger(__name__)
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-
 __all__ = ["run_demo", "demo_config"]
 
 
 def demo_config(overrides: Sequence[str] = ()):
-    """``configs/demo.yaml`` of the source checkout, with ``overrides`` applied."""
-    from .config import ConfigError, load_config
+    """The shipped ``demo`` config (``configs/demo.yaml``, package data once installed) with
+    ``overrides`` applied."""
+    from .config import load_config
 
-    if not DEMO_CONFIG.is_file():
-        raise ConfigError(f"{DEMO_CONFIG} not found: run the demo from a volseg source checkout (`make demo`).")
-    return load_config(DEMO_CONFIG, overrides)
+    return load_config("demo", overrides)
 
 
 def run_demo(output: Union[str, Path] = "demo", device: str = "auto", overrides: Sequence[str] = (), progress: bool = False,

@@ -11,8 +11,9 @@ Under ``torchrun`` the scans are sharded across the ranks, balanced by voxel cou
 headers (:func:`shard`); each rank writes its own outputs. Every run, one process or many,
 writes ``infer_summary.json`` (:func:`summary_path`) beside the outputs: per scan its status
 (``ok``, ``failed``, ``pending`` while running, ``missing`` if its rank stopped reporting), rank,
-voxels, error text and timing, including when it was read and segmented (``timeline_s``,
-seconds since its rank started).
+voxels, error text and timing (``read_s``: reading and preprocessing, ``wait_s``: the part of it
+the network waited for, all of it without prefetch), and when it was read and segmented
+(``timeline_s``, seconds since its rank started).
 """
 
 from __future__ import annotations
@@ -315,7 +316,9 @@ def _run_share(pred, jobs, mine, plan, ranklog: _RankLog, probabilities: bool, p
             rec = {"index": i, "name": job.name, "inputs": [str(p) for p in job.images], "output": str(job.output),
                    "rank": ranklog.rank, "voxels": plan["voxels"][i], "device": str(pred.device)}
             try:
+                t = time.perf_counter()
                 loaded = (current or pool.submit(_read, pred, job, clock)).result() if pool else _read(pred, job, clock)
+                loaded["wait_s"] = time.perf_counter() - t  # the read time prefetching did not hide
                 if pool and n + 1 < len(mine):  # only now: at most one scan ahead in memory
                     ahead = pool.submit(_read, pred, jobs[mine[n + 1]], clock)
                 rec.update(_segment(pred, job, loaded, probabilities, clock), status="ok")
@@ -372,8 +375,8 @@ def _segment(pred, job: Job, loaded: dict, probabilities: bool, clock) -> dict:
     prob_path = None
     if probabilities:
         prob_path = _write_probabilities(out["probabilities"], images[0], job.output.with_name(job.output.name.replace("_seg", "_prob")))
-    read_s = loaded["read"][1] - loaded["read"][0]
-    timing = {**{k: round(v, 3) for k, v in out["timing"].items()}, "read_s": round(read_s, 3), "total_s": round(time.perf_counter() - t0 + read_s, 3)}
+    read_s = loaded["read"][1] - loaded["read"][0]  # reading and preprocessing
+    timing = {**{k: round(v, 3) for k, v in out["timing"].items()}, "read_s": round(read_s, 3), "wait_s": round(loaded["wait_s"], 3), "total_s": round(time.perf_counter() - t0 + read_s, 3)}
     sidecar = {
         "input": [str(p) for p in job.images],
         "output": str(job.output),

@@ -18,6 +18,7 @@ the network waited for, all of it without prefetch), and when it was read and se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -210,6 +211,8 @@ def infer_many(
     """
     from .. import distributed
 
+    if not jobs:
+        return []
     check_outputs(jobs)
     own_group = distributed.launched() and not _group_ready()
     if own_group:
@@ -219,8 +222,8 @@ def infer_many(
     try:
         rank, world = distributed.rank(), distributed.world_size()
         out = summary_path(jobs)
-        plan = distributed.broadcast_object(_plan(jobs, world, out.parent / RANKS_DIR) if rank == 0 else None)
-        ranklog = _RankLog(out.parent / RANKS_DIR, plan["token"], rank)
+        plan = distributed.broadcast_object(_plan(jobs, world) if rank == 0 else None)
+        ranklog = _RankLog(out.parent / RANKS_DIR / plan["token"], plan["token"], rank)
         pred = _load_predictor(model, device, checkpoint, overrides, progress)
         mine = [i for i, r in enumerate(plan["ranks"]) if r == rank]
         log.info("rank %d of %d: %d of %d scan(s) on %s", rank, world, len(mine), len(jobs), pred.device)
@@ -258,17 +261,16 @@ def _load_predictor(model, device: str, checkpoint: str, overrides: Optional[dic
     return Predictor.from_run(model, device=dev, checkpoint=checkpoint, overrides=overrides, progress=progress and distributed.is_main())
 
 
-def _plan(jobs: Sequence[Job], world: int, ranks_dir: Path) -> dict:
-    """Rank 0: the shard of every job, and a token that marks this run's rank files (the
-    files of an earlier run in the same folder are removed first)."""
-    shutil.rmtree(ranks_dir, ignore_errors=True)
+def _plan(jobs: Sequence[Job], world: int) -> dict:
+    """Rank 0: the shard of every job, and a token that names this run's folder of rank files
+    (so another run into the same output folder never reads or removes them)."""
     sizes = [scan_voxels(j) for j in jobs]
     return {"token": uuid.uuid4().hex, "world_size": world, "ranks": shard(sizes, world), "voxels": sizes}
 
 
 class _RankLog:
     """This rank's records, rewritten (atomically) after every scan to
-    ``<summary folder>/.volseg-infer/rank-NNNNN.json``; rank 0 merges them.
+    ``<summary folder>/.volseg-infer/<token>/rank-NNNNN.json``; rank 0 merges them.
 
     Why files and not a collective gather at the end: ranks finish at different times, and a
     rank waiting in a collective for a slower one runs into the process group's timeout (30 min
@@ -413,6 +415,8 @@ def _finish(out: Path, jobs, plan, pred, folder: Path, world: int, stall_s: floa
     summary = _write_summary(out, jobs, plan, pred, states, final=True, stalled=stalled)
     if not stalled:
         shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another run's folder may still be there
+            folder.parent.rmdir()
     return summary["scans"]
 
 

@@ -94,7 +94,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_infer(args) -> int:
+    from . import distributed
     from .inference import collect_inputs, infer_many
+    from .inference.batch import summary_path
 
     overrides = {}
     if args.overlap is not None:
@@ -103,9 +105,6 @@ def cmd_infer(args) -> int:
         overrides["batch_size"] = args.batch_size
     if args.tta:
         overrides["tta"] = True
-    from . import distributed
-    from .inference.batch import summary_path
-
     jobs = collect_inputs(args.inputs, args.output)
     failures = infer_many(jobs, args.model, device=args.device, overrides=overrides, probabilities=args.probabilities, progress=_progress(args))
     if not distributed.is_main():

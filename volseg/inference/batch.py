@@ -216,8 +216,8 @@ def infer_many(
     check_outputs(jobs)
     own_group = distributed.launched() and not _group_ready()
     if own_group:
-        # gloo even on CUDA: the group carries one small broadcast at the start, and a gloo
-        # group has no NCCL watchdog to kill ranks that wait while others still segment
+        # gloo even on CUDA: the group's only traffic is one small broadcast (the shards) at the
+        # start; gloo does it on the CPU, with no NCCL communicator taking GPU memory
         distributed.init("cpu")
     try:
         rank, world = distributed.rank(), distributed.world_size()

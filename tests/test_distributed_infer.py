@@ -112,13 +112,18 @@ def test_two_ranks_equal_one_process_and_summary(tiny_run, scans, tmp_path):
     assert one_summary["world_size"] == 1 and {s["rank"] for s in one_summary["scans"]} == {0}
 
 
-def test_prefetch_same_outputs_and_reads_ahead(tiny_run, scans, tmp_path):
+def test_prefetch_same_outputs_and_reads_ahead(tiny_run, scans, tmp_path, monkeypatch):
+    from volseg.inference.predictor import Predictor
+
+    loads, from_run = [], Predictor.from_run
+    monkeypatch.setattr(Predictor, "from_run", staticmethod(lambda *a, **k: loads.append(a) or from_run(*a, **k)))
     timelines = {}
     for prefetch in (True, False):
         out = tmp_path / str(prefetch)
         jobs = collect_inputs([scans / f"{n}{s}" for n, _, s in SCANS[:3]], out)
         assert infer_many(jobs, tiny_run, device="cpu", prefetch=prefetch) == []
         timelines[prefetch] = [s["timeline_s"] for s in json.loads((out / "infer_summary.json").read_text())["scans"]]
+    assert len(loads) == 2  # the model is loaded once per batch, not once per scan
     a, b = _arrays(tmp_path / "True"), _arrays(tmp_path / "False")
     assert sorted(a) == sorted(b) and len(a) == 3
     for name in a:

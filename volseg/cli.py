@@ -94,7 +94,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_infer(args) -> int:
+    from . import distributed
     from .inference import collect_inputs, infer_many
+    from .inference.batch import summary_path
 
     overrides = {}
     if args.overlap is not None:
@@ -105,8 +107,11 @@ def cmd_infer(args) -> int:
         overrides["tta"] = True
     jobs = collect_inputs(args.inputs, args.output)
     failures = infer_many(jobs, args.model, device=args.device, overrides=overrides, probabilities=args.probabilities, progress=_progress(args))
-    done = len(jobs) - len(failures)
-    print(f"{done}/{len(jobs)} scan(s) segmented")
+    if not distributed.is_main():
+        # rank 0 reports every rank's scans and sets the exit status: torchrun stops all ranks
+        # as soon as one exits non-zero, which would cut rank 0 off while it merges the summary
+        return 0
+    print(f"{len(jobs) - len(failures)}/{len(jobs)} scan(s) segmented; summary: {summary_path(jobs)}")
     for job, err in failures:
         print(f"FAILED {job.name}: {err}", file=sys.stderr)
     return 1 if failures else 0

@@ -72,3 +72,16 @@ def shutdown() -> None:
     d = _dist()
     if d:
         d.destroy_process_group()
+
+
+# -- appended for batch inference (volseg.inference.batch) ----------------------------------------
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` (any picklable object) on every rank; ``obj`` itself without a group."""
+    d = _dist()
+    if not d:
+        return obj
+    box = [obj]
+    d.broadcast_object_list(box, src=0)
+    return box[0]

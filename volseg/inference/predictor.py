@@ -495,19 +495,27 @@ class Predictor:
         wanted = [values.index(v) for v in self.infer.largest_component if v in values]
         return largest_component(index, wanted)
 
-    def predict(self, images: Sequence, source: str = "", probabilities: bool = False) -> dict:
-        """SimpleITK image(s) (one per channel) -> ``{"labels": [z, y, x] label values on the
-        input grid, "timing": s, "box": the body crop on the preprocessed grid or None}`` and,
-        with ``probabilities=True``, ``"probabilities": (K, z, y, x)`` uint8 (x 1/255) on the
-        input grid (K bytes per scan voxel)."""
-        import torch
-
+    def prepare(self, images: Sequence, source: str = "") -> dict:
+        """The network-free first step of :meth:`predict`: ``{"image": preprocessed (C, X, Y, Z)
+        float32 on the predictor's device, "box": body box or None, "preprocess_s": s}``. Batch
+        runs call it for the next scan in a background thread (:mod:`volseg.inference.batch`)."""
         t0 = time.perf_counter()
         if self.device.type == "cuda":  # the whole chain on the GPU (on a CPU, SimpleITK's C++ is faster)
             image = preprocess_torch(images, self.plan, self.device, source=source)
         else:
             image = preprocess(images, self.plan, source=source)["image"]
-        box = self._crop(images, source)
+        return {"image": image, "box": self._crop(images, source), "preprocess_s": time.perf_counter() - t0}
+
+    def predict(self, images: Sequence, source: str = "", probabilities: bool = False, prepared: Optional[dict] = None) -> dict:
+        """SimpleITK image(s) (one per channel) -> ``{"labels": [z, y, x] label values on the
+        input grid, "timing": s, "box": the body crop on the preprocessed grid or None}`` and,
+        with ``probabilities=True``, ``"probabilities": (K, z, y, x)`` uint8 (x 1/255) on the
+        input grid (K bytes per scan voxel). ``prepared``: :meth:`prepare`'s result for these
+        images, when it was computed ahead."""
+        import torch
+
+        prep = prepared if prepared is not None else self.prepare(images, source)
+        image, box = prep["image"], prep["box"]
         t1 = time.perf_counter()
         try:
             restorer, restore_s = self._stream(image, box, images[0], probabilities, None)
@@ -523,7 +531,7 @@ class Predictor:
             labels = values.astype(labels.dtype)[self._postprocess(index)]
         t3 = time.perf_counter()
         out = {"labels": labels, "box": box,
-               "timing": {"preprocess_s": t1 - t0, "network_s": t2 - t1 - restore_s, "restore_s": restore_s + t3 - t2}}
+               "timing": {"preprocess_s": prep["preprocess_s"], "network_s": t2 - t1 - restore_s, "restore_s": restore_s + t3 - t2}}
         if probabilities:
             out["probabilities"] = restorer.probabilities
         return out

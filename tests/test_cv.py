@@ -218,3 +218,5 @@ def test_cli_evaluate_cv_and_infer_with_the_parent(cv_parent, tiny_dataset, tmp_
     assert main(["-q", "infer", str(scan), "--model", str(cv_parent), "--output", str(tmp_path / "pred"), "--device", "cpu"]) == 0
     side = json.loads(next((tmp_path / "pred").glob("*.json")).read_text())
     assert len(side["model"]["ensemble"]) == 2 and "postprocessing" in side["model"]
+    assert main(["export", str(cv_parent)]) == 2
+    assert "fold_0" in capsys.readouterr().err

@@ -284,7 +284,9 @@ def plan_memory(scan_shape: Sequence[int], scan_spacing: Sequence[float], plan_s
     """Bytes of the main buffers of one :meth:`Predictor.predict` call, by part, and their
     ``total``: a lower bound (network activations, the reader's and SimpleITK's copies and
     library temporaries come on top). ``scan_shape``/spacings in canonical (x, y, z) order;
-    ``crop``: the fraction of each preprocessed axis inside the body box.
+    ``crop``: the fraction of each preprocessed axis inside the body box. An ensemble changes
+    none of these (its members' window probabilities are summed into one batch tensor); it
+    adds its networks' weights and activations of one member at a time.
 
     * ``scan``: the scan as float32 (preprocessing casts it) and the label map (1 byte/voxel)
     * ``image``: the preprocessed ``(C, X, Y, Z)`` float32 volume

@@ -57,6 +57,18 @@ def test_folds_partition_the_training_cases_and_share_one_plan(cv_parent, tiny_d
     assert "largest_component" in json.loads((cv_parent / "postprocessing.json").read_text())
 
 
+def test_each_fold_logs_to_its_own_file_and_resume_skips_finished_folds(cv_parent, tiny_dataset, tmp_path):
+    from volseg.training.folds import train_folds
+
+    assert "fold_1" not in (cv_parent / "fold_0" / "train.log").read_text()
+    parent = shutil.copytree(cv_parent, tmp_path / "parent")
+    (parent / "postprocessing.json").unlink()
+    stamps = [(parent / f"fold_{k}" / "last.pt").stat().st_mtime_ns for k in (0, 1)]
+    assert train_folds(tiny_dataset, None, parent, 2, resume=True, device="cpu") == parent
+    assert [(parent / f"fold_{k}" / "last.pt").stat().st_mtime_ns for k in (0, 1)] == stamps  # nothing retrained
+    assert (parent / "postprocessing.json").is_file()
+
+
 def test_fold_with_another_config_is_refused(cv_parent, tiny_dataset, capsys):
     args = ["train", str(tiny_dataset), "--folds", "2", "--output", str(cv_parent), "--device", "cpu", "--set", "data.fold=1",
             "--set", "train.lr=0.5"]

@@ -102,6 +102,11 @@ def _train_folds(args, cfg, out: str, planned: bool) -> int:
 
     only = [s.split("=", 1)[1] for s in args.set or [] if s.replace(" ", "").startswith("data.fold=")]
     if args.resume:  # the parent's stored config
+        if any(not s.startswith("data.fold=") for s in args.set or []):
+            from .config import ConfigError
+
+            raise ConfigError(f"--folds --resume continues the folds with {out}/config.yaml; to extend one fold, resume its own "
+                              f"folder: volseg train MANIFEST --output {out}/fold_K --resume --set train.epochs=N.")
         cfg, planned = None, False
     parent = train_folds(args.manifest, cfg, out, args.folds, only=int(only[-1]) if only else None, resume=args.resume,
                          device=args.device, progress=_progress(args), overrides=(args.set or []) if planned else ())

@@ -82,14 +82,35 @@ def cmd_train(args) -> int:
     # Without --config a new run is planned from the data; --set then overrides planned keys.
     cfg = _config(args) if (args.config or args.set or not args.resume) else None
     planned = not args.config and not args.resume
-    if args.resume and cfg is not None and (args.config or any(not s.startswith("train.epochs=") for s in args.set or [])):
+    keep = ("train.epochs=", "data.fold=") if args.folds else ("train.epochs=",)
+    if args.resume and cfg is not None and (args.config or any(not s.startswith(keep) for s in args.set or [])):
         from .config import ConfigError
 
         raise ConfigError("--resume continues a run with its stored config; only --set train.epochs=N may be given (to extend it).")
     out = args.output or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if args.folds:
+        return _train_folds(args, None if planned else cfg, out, planned)
     run = train(args.manifest, None if planned else cfg, out, resume=args.resume, device=args.device, progress=_progress(args),
                 overrides=(args.set or []) if planned else ())
     print(f"run folder: {run}")
+    return 0
+
+
+def _train_folds(args, cfg, out: str, planned: bool) -> int:
+    """``--folds K``: every fold, or only fold k with ``--set data.fold=k``."""
+    from .training.folds import train_folds
+
+    only = [s.split("=", 1)[1] for s in args.set or [] if s.replace(" ", "").startswith("data.fold=")]
+    if args.resume:  # the parent's stored config
+        if any(not s.startswith("data.fold=") for s in args.set or []):
+            from .config import ConfigError
+
+            raise ConfigError(f"--folds --resume continues the folds with {out}/config.yaml; to extend one fold, resume its own "
+                              f"folder: volseg train MANIFEST --output {out}/fold_K --resume --set train.epochs=N.")
+        cfg, planned = None, False
+    parent = train_folds(args.manifest, cfg, out, args.folds, only=int(only[-1]) if only else None, resume=args.resume,
+                         device=args.device, progress=_progress(args), overrides=(args.set or []) if planned else ())
+    print(f"cross-validation folder: {parent}")
     return 0
 
 
@@ -106,7 +127,8 @@ def cmd_infer(args) -> int:
     if args.tta:
         overrides["tta"] = True
     jobs = collect_inputs(args.inputs, args.output)
-    failures = infer_many(jobs, args.model, device=args.device, overrides=overrides, probabilities=args.probabilities, progress=_progress(args))
+    model = args.model[0] if len(args.model) == 1 else args.model
+    failures = infer_many(jobs, model, device=args.device, overrides=overrides, probabilities=args.probabilities, progress=_progress(args))
     if not distributed.is_main():
         # rank 0 reports every rank's scans and sets the exit status: torchrun stops all ranks
         # as soon as one exits non-zero, which would cut rank 0 off while it merges the summary
@@ -118,8 +140,19 @@ def cmd_infer(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate, format_summary_table
+    from .evaluation import EvaluationError, evaluate, format_summary_table
 
+    if args.cv:
+        from .evaluation.cv import evaluate_cv
+
+        if args.pred or args.truth:
+            raise EvaluationError("--cv FOLDER evaluates the folder's own validation predictions; give it without --pred/--truth.")
+        print(format_summary_table(evaluate_cv(args.cv, args.output, args.tolerance)))
+        if args.output:
+            print(f"metrics written to {args.output}")
+        return 0
+    if not (args.pred and args.truth):
+        raise EvaluationError("give --pred and --truth (or --cv RUN_OR_CV_FOLDER).")
     result = evaluate(args.pred, args.truth, labels=args.labels, output=args.output, tolerance_mm=args.tolerance,
                       images=args.images, allow_missing=args.allow_missing)
     print(format_summary_table(result))
@@ -203,12 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(s, without="planned from the data as by volseg plan, kept in the run folder; --set overrides it")
     s.add_argument("--output", help="run folder (default: runs/<timestamp>)")
     s.add_argument("--resume", action="store_true", help="continue the run in --output from last.pt (with --set train.epochs=N to extend it)")
+    s.add_argument("--folds", type=int, metavar="K", help="cross-validation: train K folds into --output/fold_0..fold_K-1 (one fold: --set data.fold=k)")
     _device_arg(s)
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("infer", help="segment scans with a trained run; masks come back in each scan's geometry")
     s.add_argument("inputs", nargs="+", metavar="INPUT", help="scan files, DICOM folders, folders of scans, or a manifest (its test list)")
-    s.add_argument("--model", required=True, metavar="RUN_DIR", help="run folder written by volseg train")
+    s.add_argument("--model", required=True, nargs="+", metavar="RUN_DIR",
+                   help="run folder written by volseg train; a --folds folder or several run folders average their probabilities")
     s.add_argument("--output", help="output folder, or a file name for a single input (default: <case>_seg.nii.gz next to the input)")
     _device_arg(s)
     s.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1)")
@@ -218,8 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_infer)
 
     s = sub.add_parser("evaluate", help="Dice, IoU, HD95, ASSD, NSD and volumes of predictions against ground truth")
-    s.add_argument("--pred", required=True, help="prediction file or folder")
-    s.add_argument("--truth", required=True, help="ground-truth file, folder or manifest")
+    s.add_argument("--pred", help="prediction file or folder")
+    s.add_argument("--truth", help="ground-truth file, folder or manifest")
+    s.add_argument("--cv", metavar="RUN_DIR", help="instead of --pred/--truth: a run's or a --folds folder's own validation predictions")
     s.add_argument("--labels", help="manifest whose 'labels' name the classes")
     s.add_argument("--output", help="folder for metrics.csv and summary.json")
     s.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in mm (default: %(default)s)")

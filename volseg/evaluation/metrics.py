@@ -59,6 +59,7 @@ __all__ = [
     "EvaluationResult",
     "evaluate_case",
     "evaluate",
+    "evaluate_pairs",
     "summarize",
     "load_results",
     "worst_cases",
@@ -400,13 +401,21 @@ def evaluate(
     if not any(v != 0 for v in label_map):
         raise EvaluationError(f"labels {label_map} declare no foreground class to evaluate.")
 
+    pairs = [(name, pred_cases[name], truth_cases[name], image_paths.get(name, "")) for name in common]
+    return evaluate_pairs(pairs, label_map, output, tolerance_mm)
+
+
+def evaluate_pairs(pairs: Sequence[Tuple[str, PathLike, PathLike, PathLike]], label_map: Mapping[int, str],
+                   output: Optional[PathLike] = None, tolerance_mm: float = 2.0) -> EvaluationResult:
+    """Evaluate ``(case, prediction file, reference file, scan file or "")`` tuples with the
+    classes of ``label_map``; ``output`` as in :func:`evaluate`."""
     rows: List[dict] = []
-    for name in common:
-        p_arr, t_arr, spacing = load(name)
+    for name, pred_path, truth_path, image_path in pairs:
+        p_arr, t_arr, spacing = _load_pair(Path(pred_path), Path(truth_path), name)
         unknown = _values(p_arr, t_arr) - set(label_map) - {0}
         if unknown:
             log.warning("%s: label values %s are not in labels %s; ignored.", name, sorted(unknown), sorted(label_map))
-        paths = dict(pred_path=str(pred_cases[name]), truth_path=str(truth_cases[name]), image_path=str(image_paths.get(name, "")))
+        paths = dict(pred_path=str(pred_path), truth_path=str(truth_path), image_path=str(image_path))
         case_rows = [{k: {**row, "case": name, **paths}[k] for k in CSV_COLUMNS} for row in evaluate_case(p_arr, t_arr, spacing, label_map, tolerance_mm)]
         log.info("%s: dice %s", name, ", ".join(f"{r['class']}={r['dice']:.3f}" for r in case_rows))
         rows += case_rows

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Union
 
-from ..config import check_choice
+from ..config import ConfigError, check_choice
 from ..data.io import atomic_write, write_text
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ def export(run_dir: Union[str, Path], fmt: str = "torchscript", output: Optional
 
     check_choice("format", fmt, ("torchscript", "onnx"))
     pred = Predictor.from_run(run_dir, device="cpu")
+    if len(pred.models) > 1:  # a cross-validation folder: one file would hold only fold 0
+        raise ConfigError(f"{run_dir} is an ensemble of {len(pred.models)} runs; export one of its fold folders (e.g. {run_dir}/fold_0).")
     out = Path(output) if output else Path(run_dir) / ("model.ts.pt" if fmt == "torchscript" else "model.onnx")
     net = _wrapped(pred)
     example = torch.randn(1, len(pred.plan.channels), *pred.plan.patch_size)

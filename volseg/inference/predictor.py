@@ -284,7 +284,9 @@ def plan_memory(scan_shape: Sequence[int], scan_spacing: Sequence[float], plan_s
     """Bytes of the main buffers of one :meth:`Predictor.predict` call, by part, and their
     ``total``: a lower bound (network activations, the reader's and SimpleITK's copies and
     library temporaries come on top). ``scan_shape``/spacings in canonical (x, y, z) order;
-    ``crop``: the fraction of each preprocessed axis inside the body box.
+    ``crop``: the fraction of each preprocessed axis inside the body box. An ensemble changes
+    none of these (its members' window probabilities are summed into one batch tensor); it
+    adds its networks' weights and activations of one member at a time.
 
     * ``scan``: the scan as float32 (preprocessing casts it) and the label map (1 byte/voxel)
     * ``image``: the preprocessed ``(C, X, Y, Z)`` float32 volume
@@ -325,6 +327,82 @@ def _widen(shape: Sequence[int], box: Box, roi: Sequence[int]) -> Box:
 
 
 # ---------------------------------------------------------------------------------------------
+# run folders -> networks (one, or an ensemble)
+
+
+def _load_member(run: Path, checkpoint: str, overrides: Optional[dict]):
+    """(config, plan, network with weights, info) of one run folder."""
+    from ..nets import build_network
+    from ..training.run_folder import RunFolderError, checkpoint_path, load_checkpoint, read_config, read_plan
+
+    ckpt, notes = checkpoint_path(run, checkpoint)
+    missing = [n for n in ("config.yaml", "plan.json") if not (run / n).is_file()]
+    if not ckpt.is_file():
+        missing.append(f"{checkpoint}.pt" + (" (and last.pt)" if checkpoint == "best" else ""))
+    if missing:
+        raise FileNotFoundError(f"{run} is not a complete volseg run folder: missing {missing}.")
+    cfg: Config = read_config(run, {"infer": overrides} if overrides else None)
+    plan = read_plan(run)
+    state = load_checkpoint(ckpt)
+    model = build_network(cfg.model, len(plan.channels), plan.out_channels)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise RunFolderError(f"{ckpt}: weights do not match {run / 'config.yaml'} ({str(exc).splitlines()[0][:160]}); "
+                             "restore the run folder's files together or retrain.") from None
+    info = {"run": str(run.resolve()), "checkpoint": ckpt.name, "epoch": state.get("epoch")}
+    if notes:
+        info["warnings"] = notes
+    return cfg, plan, model, info
+
+
+def _shared_plan(runs: Sequence[Path], plans: Sequence[Plan]) -> Plan:
+    """The plan all ``runs`` share; an ensemble whose members would preprocess a scan
+    differently (or predict other classes) cannot average their probabilities."""
+    from dataclasses import asdict
+
+    from ..training.run_folder import RunFolderError
+
+    first = asdict(plans[0])
+    for run, plan in zip(runs[1:], plans[1:]):
+        other = asdict(plan)
+        diff = {k: (first[k], other[k]) for k in first if first[k] != other[k]}
+        if diff:
+            text = "; ".join(f"{k}: {a!r} vs {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
+            raise RunFolderError(f"cannot ensemble {runs[0]} and {run}: their plan.json files differ ({text}); ensemble members "
+                                 "must share spacing, orientation, normalisation, labels and patch (train them with "
+                                 "volseg train --folds, which plans once for all folds).")
+    return plans[0]
+
+
+def _postprocessing(run_dir, infer: InferConfig, overrides: Optional[dict]) -> Tuple[InferConfig, dict]:
+    """The ``infer`` settings with the ``largest_component`` labels to use, and why. An explicit
+    choice (an override, or a non-empty config value) wins over the rule learned from the
+    cross-validation predictions, because the person asked for it; a learned rule belongs to
+    the folder it was learned for (a run or a parent), so several folders given by hand get
+    none."""
+    import dataclasses
+
+    from ..evaluation.cv import read_postprocessing
+
+    if overrides and "largest_component" in overrides:
+        chosen = {"largest_component": list(infer.largest_component), "source": "override"}
+    elif infer.largest_component:
+        chosen = {"largest_component": list(infer.largest_component), "source": "config infer.largest_component"}
+    else:
+        single = not isinstance(run_dir, (list, tuple)) or len(run_dir) == 1
+        folder = Path(run_dir if not isinstance(run_dir, (list, tuple)) else run_dir[0])
+        learned = read_postprocessing(folder) if single else None
+        if learned is None:
+            chosen = {"largest_component": [], "source": "none learned" if single else "none (several folders given)"}
+        else:
+            chosen = {"largest_component": list(learned), "source": str(folder / "postprocessing.json")}
+            infer = dataclasses.replace(infer, largest_component=tuple(learned))
+    log.info("postprocessing: largest component of labels %s (%s)", chosen["largest_component"], chosen["source"])
+    return infer, chosen
+
+
+# ---------------------------------------------------------------------------------------------
 # the predictor
 
 
@@ -332,10 +410,17 @@ class Predictor:
     """Sliding-window predictor for a trained network and its preprocessing plan."""
 
     def __init__(self, model, plan: Plan, infer: InferConfig = InferConfig(), device: str = "auto", progress: bool = False):
+        """``model``: a network, or a sequence of networks trained on the same ``plan`` (an
+        ensemble, e.g. the folds of a cross-validation): each window's probabilities are
+        averaged over them (and over the TTA mirrors) before blending, so the stitching buffers
+        are those of one model whatever the number of members."""
         import torch
 
         self.device = resolve_device(device) if isinstance(device, str) else device
-        self.model = model.to(self.device).eval()
+        self.models = [m.to(self.device).eval() for m in (model if isinstance(model, (list, tuple)) else [model])]
+        if not self.models:
+            raise ValueError("Predictor needs at least one network.")
+        self.model = self.models[0]
         self.plan = plan
         self.infer = infer
         self.progress = progress
@@ -349,62 +434,67 @@ class Predictor:
 
     # -- construction from a run folder ---------------------------------------------------------
     @classmethod
-    def from_run(cls, run_dir: Union[str, Path], device: str = "auto", checkpoint: str = "best", overrides: Optional[dict] = None, progress: bool = False) -> "Predictor":
+    def from_run(cls, run_dir: Union[str, Path, Sequence[Union[str, Path]]], device: str = "auto", checkpoint: str = "best",
+                 overrides: Optional[dict] = None, progress: bool = False) -> "Predictor":
         """Rebuild network, plan and inference settings from a run folder (nothing else needed).
+
+        ``run_dir``: a run folder, a cross-validation parent written by ``volseg train --folds``
+        (its folds form an ensemble), or a sequence of such folders (all their networks form one
+        ensemble). An ensemble's members must share the preprocessing plan (spacing,
+        orientation, normalisation, labels, patch), else a ``RunFolderError`` names the
+        differences; inference settings are the first member's.
         ``overrides``: keys of the ``infer`` section, e.g. ``{"overlap": 0.25, "tta": True}``.
+        ``infer.largest_component``: an explicit override wins, then a non-empty value in the
+        (first) run's config, then the learned ``postprocessing.json`` of a single run or a
+        parent (:mod:`volseg.evaluation.cv`); the choice is logged and kept in
+        ``run_info["postprocessing"]``.
         A missing ``best.pt`` falls back to ``last.pt`` with a logged warning, recorded in
-        ``run_info["warnings"]``. The checkpoint is loaded with ``weights_only=True``: one that
+        ``run_info["warnings"]``. Checkpoints are loaded with ``weights_only=True``: one that
         would run code, or a corrupt config, plan or checkpoint, is a ``RunFolderError`` naming
         the file."""
-        from ..nets import build_network
-        from ..training.run_folder import checkpoint_path, load_checkpoint, read_config, read_plan
+        from ..training.folds import expand_runs
 
-        run = Path(run_dir)
-        ckpt, notes = checkpoint_path(run, checkpoint)
-        missing = [n for n in ("config.yaml", "plan.json") if not (run / n).is_file()]
-        if not ckpt.is_file():
-            missing.append(f"{checkpoint}.pt" + (" (and last.pt)" if checkpoint == "best" else ""))
-        if missing:
-            raise FileNotFoundError(f"{run} is not a complete volseg run folder: missing {missing}.")
-        cfg: Config = read_config(run, {"infer": overrides} if overrides else None)
-        plan = read_plan(run)
-        state = load_checkpoint(ckpt)
-        model = build_network(cfg.model, len(plan.channels), plan.out_channels)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            from ..training.run_folder import RunFolderError
-
-            raise RunFolderError(f"{ckpt}: weights do not match {run / 'config.yaml'} ({str(exc).splitlines()[0][:160]}); "
-                                 "restore the run folder's files together or retrain.") from None
-        pred = cls(model, plan, cfg.infer, device, progress=progress)
-        pred.run_info = {"run": str(run.resolve()), "checkpoint": ckpt.name, "epoch": state.get("epoch")}
+        runs = expand_runs(run_dir)
+        members = [_load_member(run, checkpoint, overrides) for run in runs]
+        plan = _shared_plan(runs, [m[1] for m in members])
+        infer, chosen = _postprocessing(run_dir, members[0][0].infer, overrides)
+        pred = cls([m[2] for m in members], plan, infer, device, progress=progress)
+        infos = [m[3] for m in members]
+        pred.run_info = dict(infos[0]) if len(infos) == 1 else {"ensemble": infos}
+        notes = [n for i in infos for n in i.pop("warnings", [])]
         if notes:
             pred.run_info["warnings"] = notes
+        pred.run_info["postprocessing"] = chosen
+        if len(runs) > 1:
+            log.info("ensemble of %d models: %s", len(runs), ", ".join(str(r) for r in runs))
         return pred
 
     # -- the network on a batch of windows ----------------------------------------------------------
-    def _forward(self, x):
+    def _forward(self, model, x):
         """(B, C, *roi) -> (B, K, *roi) logits; in 2D slice mode the unit window axis is
         squeezed for the 2D network (as MONAI's SliceInferer does)."""
         if self.plan.spatial_dims == 2:
-            return self.model(x.squeeze(2 + self.plan.slice_axis)).unsqueeze(2 + self.plan.slice_axis)
-        return self.model(x)
+            return model(x.squeeze(2 + self.plan.slice_axis)).unsqueeze(2 + self.plan.slice_axis)
+        return model(x)
 
     def _net(self, x):
-        """Window batch -> probabilities (float32), averaged over the mirrored copies with TTA
-        (each window is mirrored on its own, as nnU-Net does, so the rolling order holds)."""
+        """Window batch -> probabilities (float32), averaged over the ensemble's members and,
+        with TTA, the mirrored copies (each window is mirrored on its own, as nnU-Net does, so
+        the rolling order holds). Blending is linear, so averaging per window equals averaging
+        each member's stitched probabilities, without a volume per member."""
         import torch
 
         flips = self._flips()
         acc = None
-        for axes in flips:
-            with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-                logits = self._forward(torch.flip(x, axes) if axes else x)
-            p = torch.sigmoid(logits.float()) if self.plan.binary else torch.softmax(logits.float(), 1)
-            p = torch.flip(p, axes) if axes else p
-            acc = p if acc is None else acc.add_(p)
-        return acc / len(flips) if len(flips) > 1 else acc
+        for model in self.models:
+            for axes in flips:
+                with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+                    logits = self._forward(model, torch.flip(x, axes) if axes else x)
+                p = torch.sigmoid(logits.float()) if self.plan.binary else torch.softmax(logits.float(), 1)
+                p = torch.flip(p, axes) if axes else p
+                acc = p if acc is None else acc.add_(p)
+        n = len(flips) * len(self.models)
+        return acc / n if n > 1 else acc
 
     def _flips(self) -> List[tuple]:
         """Mirroring TTA axes (tensor dims of a (B, C, *spatial) batch)."""
@@ -455,7 +545,7 @@ class Predictor:
         make = lambda z0, z1, parts, xy: Slab(z0, z1, parts, xy, shape[:2], self.plan.binary, buffer_device, box)  # noqa: E731
         # eval mode for this call only (validation calls it on a training network; the previous
         # mode is restored): no dropout, no batch-norm statistics updates, one output
-        with eval_mode(self.model), torch.inference_mode():
+        with eval_mode(*self.models), torch.inference_mode():
             if off[2] > 0:
                 yield make(0, off[2], [], ((0, 1), (0, 1)))
             batch = window_batch(self.infer.batch_size, self.plan.out_channels, roi)

@@ -69,6 +69,7 @@ def train(
     device: str = "auto",
     progress: bool = False,
     overrides: Sequence[str] = (),
+    plan: Optional[Plan] = None,
 ) -> Path:
     """Train a network on ``manifest`` into the run folder ``output``; return its path.
 
@@ -79,6 +80,10 @@ def train(
     (:mod:`volseg.data.planning`, for ``device``; ``RUN/planned_config.yaml`` and
     ``RUN/fingerprint.json`` keep the plan) with ``overrides`` (``section.key=value``) on top.
     While it runs, ``output/.lock`` refuses a second ``train`` on the same folder.
+    ``plan``: use this preprocessing plan instead of fingerprinting the split's training cases
+    (cross-validation folds share one, :mod:`.folds`). At the end the validation cases are
+    segmented into ``output/val_predictions/`` and the postprocessing rule is learned from them
+    (:func:`volseg.evaluation.cv.finish_validation`).
     """
     run = Path(output)
     if resume and not (run / "last.pt").is_file():
@@ -91,8 +96,12 @@ def train(
         attach_log_file(run / "train.log")
         if cfg is None and not resume:
             cfg = _planned(man, run, device, overrides)
-        cfg, plan, split = _setup(man, cfg, run, resume)
-        return _fit(run, cfg, plan, split, resume, device, progress)
+        cfg, plan, split = _setup(man, cfg, run, resume, plan)
+        _fit(run, cfg, plan, split, resume, device, progress)
+        from ..evaluation.cv import finish_validation
+
+        finish_validation(run, split[1], device)
+        return run
 
 
 def _planned(man: Manifest, run: Path, device: str, overrides: Sequence[str]) -> Config:
@@ -107,7 +116,7 @@ def _planned(man: Manifest, run: Path, device: str, overrides: Sequence[str]) ->
                          fingerprint_path=run / "fingerprint.json", overrides=overrides)
 
 
-def _setup(man: Manifest, cfg: Optional[Config], run: Path, resume: bool) -> Tuple[Config, Plan, tuple]:
+def _setup(man: Manifest, cfg: Optional[Config], run: Path, resume: bool, plan: Optional[Plan] = None) -> Tuple[Config, Plan, tuple]:
     """(config, plan, (train cases, validation cases)): read back from the run folder on
     resume, else computed and written to it."""
     if resume:
@@ -119,8 +128,9 @@ def _setup(man: Manifest, cfg: Optional[Config], run: Path, resume: bool) -> Tup
         cfg = cfg if cfg is not None else Config()
         split = split_cases(man, cfg.data.val_fraction, cfg.train.seed, cfg.data.folds, cfg.data.fold)
         validate_cases(man, tuple(split[0]) + tuple(split[1]), min_cases=cfg.data.min_cases)
-        log.info("fingerprinting %d training cases", len(split[0]))
-        plan = make_plan(man, split[0], cfg, seed=cfg.train.seed)
+        if plan is None:
+            log.info("fingerprinting %d training cases", len(split[0]))
+            plan = make_plan(man, split[0], cfg, seed=cfg.train.seed)
         cfg = _resolve(cfg, man, plan)
         write_run_files(run, cfg, plan, man, split)
     log.info("%s: %d training, %d validation cases", man.name, len(split[0]), len(split[1]))

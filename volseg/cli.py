@@ -87,9 +87,15 @@ def cmd_train(args) -> int:
 
         raise ConfigError("--resume continues a run with its stored config; only --set train.epochs=N may be given (to extend it).")
     out = args.output or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    run = train(args.manifest, None if planned else cfg, out, resume=args.resume, device=args.device, progress=_progress(args),
-                overrides=(args.set or []) if planned else ())
-    print(f"run folder: {run}")
+    from . import distributed
+
+    try:  # under torchrun every process runs this; train() joins the process group
+        run = train(args.manifest, None if planned else cfg, out, resume=args.resume, device=args.device, progress=_progress(args),
+                    overrides=(args.set or []) if planned else ())
+    finally:
+        distributed.shutdown()
+    if distributed.is_main():
+        print(f"run folder: {run}")
     return 0
 
 

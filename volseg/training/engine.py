@@ -92,8 +92,8 @@ def train(
     from ..inference.predictor import resolve_device
 
     run = Path(output)
-    distributed.init(resolve_device(device).type)
     distributed.quiet_other_ranks()
+    distributed.init(resolve_device(device).type)
     with ExitStack() as hold:  # rank 0 holds the run folder's lock until training ends
         cfg, plan, split = distributed.on_main(_prepare, manifest, cfg, run, resume, device, overrides, hold)
         return _fit(run, cfg, plan, split, resume, device, progress and distributed.is_main())

@@ -78,6 +78,7 @@ def attach_validation(trainer, model, predictor, val_ds, plan, every: int, row: 
     from .. import distributed
 
     names = list(plan.label_names[1:])
+    told: List[bool] = []
 
     def due(engine, epoch: int) -> bool:
         return epoch % every == 0 or epoch == engine.state.max_epochs
@@ -90,7 +91,9 @@ def attach_validation(trainer, model, predictor, val_ds, plan, every: int, row: 
         shares = distributed.all_gather(mine)
         if len(shares) > 1:
             log.info("validation split over %d processes: %s cases", len(shares), "+".join(str(len(s)) for s in shares))
-            log.debug("validation cases per rank: %s", "; ".join(f"rank {r}: {' '.join(n for n, _ in s)}" for r, s in enumerate(shares)))
+            if not told:  # the names once per run
+                told.append(True)
+                log.info("validation cases per rank: %s", "; ".join(f"rank {r}: {' '.join(n for n, _ in s)}" for r, s in enumerate(shares)))
         scores = np.array([d for _, d in distributed.unshard(shares)])
         if len(scores) == 0:
             return

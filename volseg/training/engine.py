@@ -11,7 +11,8 @@ The run folder describes itself, so ``volseg infer --model RUN`` needs nothing e
                         config and the dataset fingerprint it was planned from
     RUN/dataset.json    manifest name, labels, channels and the train/validation split
     RUN/versions.json   volseg, torch, monai, python versions
-    RUN/last.pt         model, optimiser, scheduler, scaler, engine and RNG state (every epoch)
+    RUN/last.pt         model, optimiser, scheduler, scaler, engine and RNG state (every epoch;
+                        under torchrun: the unwrapped model and every process's RNG state)
     RUN/best.pt         the best validation mean foreground Dice so far
     RUN/metrics.csv     one row per epoch (loss, lr, validation Dice, data wait, times)
     RUN/tb/             TensorBoard events; RUN/train.log; RUN/.lock (held while training)
@@ -26,6 +27,11 @@ atomics (e.g. some interpolation and scatter backward passes), another GPU model
 library version can change the last bits: bitwise equality is promised on the CPU only. With
 ``data.num_workers > 0`` each worker's augmentation stream is seeded from the torch seed, so
 runs stay reproducible for a fixed worker count.
+
+Several processes (``torchrun ... -m volseg train``): see :func:`train` and :func:`_fit` for who
+does what, the per-rank shards and seeds, and what the global batch and ``train.lr`` mean; the
+same seed, data and number of processes give the same weights on the CPU (gloo), and a resume
+by as many processes continues exactly.
 """
 
 from __future__ import annotations

@@ -62,9 +62,9 @@ def _sets(overrides):
     return sum((["--set", s] for s in overrides), [])
 
 
-def _train_args(manifest: Path, run: Path, overrides, resume: bool = False):
+def _train_args(manifest: Path, run: Path, overrides, resume: bool = False, device: str = "cpu"):
     config = ["--resume"] if resume else ["--config", str(ROOT / "configs" / "default.yaml")]
-    return ["train", str(manifest), *config, "--output", str(run), "--device", "cpu", *_sets(overrides)]
+    return ["train", str(manifest), *config, "--output", str(run), "--device", device, *_sets(overrides)]
 
 
 def _rows(run: Path):
@@ -130,7 +130,8 @@ def test_two_ranks_first_step_equals_one_process_with_twice_the_batch(phantoms, 
 # (b)-(d) one 2-rank run uninterrupted, one stopped after epoch 1 and resumed on 2, then on 1
 
 
-RUN = BASE + ["data.patch_size=[24,24,16]", "train.steps_per_epoch=2", "train.poly_power=0"]  # constant lr: extending changes nothing
+# constant lr (extending a run changes nothing); disk cache: each rank fills its own cases
+RUN = BASE + ["data.patch_size=[24,24,16]", "train.steps_per_epoch=2", "train.poly_power=0", "data.cache=disk"]
 
 
 @pytest.fixture(scope="module")
@@ -170,9 +171,11 @@ def test_only_rank_zero_writes_the_run_folder_and_logs(ddp_runs):
     log = (whole / "train.log").read_text(encoding="utf-8")
     assert len(re.findall(r"epoch 2/2 loss", log)) == 1
     rank0, rank1 = (_rank_log(ddp_runs["whole_logs"], r) for r in (0, 1))
-    for info in ("data cache memory", "validation split over 2 processes", "epoch 2/2 loss"):  # rank 1: warnings only
+    for info in ("data cache disk", "validation split over 2 processes", "epoch 2/2 loss"):  # rank 1: warnings only
         assert info in rank0 and info not in rank1, info
     assert ddp_runs["resumed_events"] == 2  # one TensorBoard writer per launch of the resumed run
+    (cache,) = (whole.parent / "volseg_cache").iterdir()  # both runs share one plan, so one cache
+    assert [len(list((cache / s).glob("*.pt"))) for s in ("train", "val")] == [3, 3]
 
 
 def test_validation_is_split_over_ranks_and_matches_one_process(ddp_runs):
@@ -198,3 +201,18 @@ def test_validation_is_split_over_ranks_and_matches_one_process(ddp_runs):
         scores.append(dice_per_class(pred.predict_index(data["image"]), np.asarray(data["label"])[0], plan.num_classes))
     one_process = float(np.mean(np.array(scores).mean(0)))
     assert float(_rows(whole)[-1]["val_dice_mean"]) == pytest.approx(one_process, abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# nccl: two GPUs or more
+
+
+@pytest.mark.cuda
+def test_two_gpus_train_with_nccl_and_resume(phantoms, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs (one process per GPU)")
+    manifest = _manifest(tmp_path, phantoms, [0, 1, 2], [3, 4])
+    _torchrun(_train_args(manifest, tmp_path / "run", RUN + ["train.epochs=1", "train.amp=true"], device="cuda"), tmp_path)
+    _torchrun(_train_args(manifest, tmp_path / "run", ["train.epochs=2"], resume=True, device="cuda"), tmp_path)
+    assert [r["epoch"] for r in _rows(tmp_path / "run")] == ["1", "2"]
+    assert len(torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)["rng"]) == 2

@@ -66,7 +66,11 @@ def init(device: str = "cpu") -> Tuple[int, int]:
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local >= gpus:
+                raise RuntimeError(f"torchrun process LOCAL_RANK={local} has no GPU of its own: {gpus} CUDA GPU(s) visible on this "
+                                   f"machine; start at most {gpus} processes per machine (--nproc_per_node) or use --device cpu.")
+            torch.cuda.set_device(local)
         dist.init_process_group(backend=backend)
         log.debug("rank %d of %d joined (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return dist.get_rank(), dist.get_world_size()

@@ -124,7 +124,8 @@ def raise_if_diverged(trainer, lr: float, run: Path) -> None:
 
 class EpochRecord:
     """At the end of every epoch: one metrics.csv row, TensorBoard scalars, best.pt when the
-    validation Dice improves, then last.pt (model, optimiser, scheduler, scaler, engine, RNG)."""
+    validation Dice improves, then last.pt (model, optimiser, scheduler, scaler, engine, and the
+    RNG states of every process, ``engine.state.rng_states``). Attached on rank 0 only."""
 
     def __init__(self, run: Path, plan, parts, row: Dict, best: float = -1.0):
         self.run, self.parts, self.row, self.best = run, parts, row, best

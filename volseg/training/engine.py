@@ -183,9 +183,9 @@ def _fit(run: Path, cfg: Config, plan: Plan, split: tuple, resume: bool, device:
     patches: sampler and augmentation streams are seeded with ``train.seed + rank`` (rank 0's are
     those of a single-process run). ``train.batch_size`` is per rank; one optimiser step averages
     the gradients of all ``world_size x batch_size`` patches, and ``train.lr`` is the step size
-    for that average: it is not scaled with the number of processes (for the same per-patch
-    progress with N times the batch, a larger lr may be set by hand, e.g. about sqrt(N) x for
-    AdamW). ``train.steps_per_epoch`` counts optimiser steps, so an epoch sees N x the patches."""
+    for that average: it is not scaled with the number of processes (set a larger one by hand if
+    the bigger batch wants it). ``train.steps_per_epoch`` counts optimiser steps, so an epoch sees
+    N x the patches."""
     from ignite.engine import Engine
     from ignite.handlers.tensorboard_logger import TensorboardLogger
     from monai.utils import set_determinism

@@ -90,9 +90,15 @@ def cmd_train(args) -> int:
     out = args.output or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if args.folds:
         return _train_folds(args, None if planned else cfg, out, planned)
-    run = train(args.manifest, None if planned else cfg, out, resume=args.resume, device=args.device, progress=_progress(args),
-                overrides=(args.set or []) if planned else ())
-    print(f"run folder: {run}")
+    from . import distributed
+
+    try:  # under torchrun every process runs this; train() joins the process group
+        run = train(args.manifest, None if planned else cfg, out, resume=args.resume, device=args.device, progress=_progress(args),
+                    overrides=(args.set or []) if planned else ())
+    finally:
+        distributed.shutdown()
+    if distributed.is_main():
+        print(f"run folder: {run}")
     return 0
 
 

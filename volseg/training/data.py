@@ -16,7 +16,9 @@ augmentations run per step. ``data.cache``:
   them and preprocesses nothing; a case file changed since (size or mtime; not checked inside
   DICOM folders) is preprocessed again.
   Missing entries are filled in the main process before the loader starts, so workers never
-  preprocess the same case twice.
+  preprocess the same case twice. Under torchrun each rank caches (in memory or on disk) only its
+  own shard of the cases (:func:`volseg.distributed.shard`), so N processes fill the cache in
+  parallel and a machine's RAM holds each case once.
 * ``none``: preprocess on every access (only sensible for tiny data).
 """
 
@@ -125,15 +127,22 @@ def available_ram_bytes() -> int:
 
 
 def _choose_cache(cfg: Config, train_cases, val_cases, plan: Plan) -> str:
+    """``data.cache``, or ``disk`` when a memory cache would not fit. Under torchrun the cases
+    are this rank's shard, and the processes on one machine share its RAM: the estimate is
+    multiplied by their number (``LOCAL_WORLD_SIZE``)."""
+    from .. import distributed
+
     if cfg.data.cache != "memory":
         return cfg.data.cache
-    need = estimate_cache_bytes(train_cases, plan) + estimate_cache_bytes(val_cases, plan, with_indices=False)
+    procs = distributed.local_world_size()
+    need = procs * (estimate_cache_bytes(train_cases, plan) + estimate_cache_bytes(val_cases, plan, with_indices=False))
     avail = available_ram_bytes()
+    across = f" ({procs} processes on this machine, each caching its share)" if procs > 1 else ""
     if need > MEMORY_FRACTION * avail:
-        log.warning("data.cache=memory would need about %.1f GiB, more than %.0f%% of the %.1f GiB of RAM available; "
-                    "using the disk cache instead", need / 2**30, 100 * MEMORY_FRACTION, avail / 2**30)
+        log.warning("data.cache=memory would need about %.1f GiB%s, more than %.0f%% of the %.1f GiB of RAM available; "
+                    "using the disk cache instead", need / 2**30, across, 100 * MEMORY_FRACTION, avail / 2**30)
         return "disk"
-    log.info("memory cache: about %.2f GiB of %.1f GiB available", need / 2**30, avail / 2**30)
+    log.info("memory cache: about %.2f GiB%s of %.1f GiB available", need / 2**30, across, avail / 2**30)
     return "memory"
 
 

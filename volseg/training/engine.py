@@ -11,7 +11,8 @@ The run folder describes itself, so ``volseg infer --model RUN`` needs nothing e
                         config and the dataset fingerprint it was planned from
     RUN/dataset.json    manifest name, labels, channels and the train/validation split
     RUN/versions.json   volseg, torch, monai, python versions
-    RUN/last.pt         model, optimiser, scheduler, scaler, engine and RNG state (every epoch)
+    RUN/last.pt         model, optimiser, scheduler, scaler, engine and RNG state (every epoch;
+                        under torchrun: the unwrapped model and every process's RNG state)
     RUN/best.pt         the best validation mean foreground Dice so far
     RUN/metrics.csv     one row per epoch (loss, lr, validation Dice, data wait, times)
     RUN/tb/             TensorBoard events; RUN/train.log; RUN/.lock (held while training)
@@ -26,11 +27,17 @@ atomics (e.g. some interpolation and scatter backward passes), another GPU model
 library version can change the last bits: bitwise equality is promised on the CPU only. With
 ``data.num_workers > 0`` each worker's augmentation stream is seeded from the torch seed, so
 runs stay reproducible for a fixed worker count.
+
+Several processes (``torchrun ... -m volseg train``): see :func:`train` and :func:`_fit` for who
+does what, the per-rank shards and seeds, and what the global batch and ``train.lr`` mean; the
+same seed, data and number of processes give the same weights on the CPU (gloo), and a resume
+by as many processes continues exactly.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Tuple, Union
@@ -39,8 +46,8 @@ from ..config import Config, ConfigError, replace
 from ..data.manifest import Manifest, load_manifest, split_cases, validate_cases
 from ..data.preprocess import Plan, make_plan
 from .handlers import EpochRecord, attach_nan_stop, attach_timing, attach_validation, dice_per_class, raise_if_diverged
-from .run_folder import (RunLock, attach_log_file, load_checkpoint, read_config, read_plan, set_rng_state, stored_split,
-                         truncate_csv, write_run_files)
+from .run_folder import (RunLock, attach_log_file, load_checkpoint, read_config, read_plan, rng_state, set_rng_state,
+                         stored_split, truncate_csv, write_run_files)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +66,7 @@ class Parts:
     device: Any
     amp: bool
     generator: Any
+    ddp: Any = None  # the DistributedDataParallel wrapper that training steps go through; None in one process
 
 
 def train(
@@ -84,24 +92,53 @@ def train(
     (cross-validation folds share one, :mod:`.folds`). At the end the validation cases are
     segmented into ``output/val_predictions/`` and the postprocessing rule is learned from them
     (:func:`volseg.evaluation.cv.finish_validation`).
+
+    Under ``torchrun`` (:mod:`volseg.distributed`) every process calls this: rank 0 alone reads
+    the manifest, plans, locks and writes the run folder and gives the others config, plan and
+    split; each rank trains on its own shard of the training cases, validation is split over the
+    ranks, and the DDP gradients are averaged, so the global batch is ``world_size x
+    train.batch_size`` (see :func:`_fit`).
     """
+    from .. import distributed
+    from ..inference.predictor import resolve_device
+
     run = Path(output)
+    distributed.quiet_other_ranks()
+    distributed.init(resolve_device(device).type)
+    with ExitStack() as hold:  # rank 0 holds the run folder's lock until training ends
+        cfg, plan, split = distributed.on_main(_prepare, manifest, cfg, run, resume, device, overrides, hold, plan)
+        _fit(run, cfg, plan, split, resume, device, progress and distributed.is_main())
+        if distributed.is_main():  # one process segments the validation cases and learns the rule
+            from ..evaluation.cv import finish_validation
+
+            finish_validation(run, split[1], device)
+        return run
+
+
+def _prepare(manifest, cfg: Optional[Config], run: Path, resume: bool, device: str, overrides: Sequence[str],
+             hold: ExitStack, plan: Optional[Plan] = None) -> Tuple[Config, Plan, tuple]:
+    """Rank 0: check and lock the run folder (the lock joins ``hold``), then :func:`_setup`."""
+    from .. import distributed
+
     if resume and not (run / "last.pt").is_file():
         raise FileNotFoundError(f"--resume: {run / 'last.pt'} does not exist; start a new run without --resume.")
     man = load_manifest(manifest)  # before the folder is made: a bad manifest leaves nothing behind
     run.mkdir(parents=True, exist_ok=True)
-    with RunLock(run):
-        if not resume and (run / "last.pt").exists():
-            raise FileExistsError(f"{run} already holds a run (last.pt); pass --resume to continue it or choose another --output.")
-        attach_log_file(run / "train.log")
-        if cfg is None and not resume:
-            cfg = _planned(man, run, device, overrides)
-        cfg, plan, split = _setup(man, cfg, run, resume, plan)
-        _fit(run, cfg, plan, split, resume, device, progress)
-        from ..evaluation.cv import finish_validation
-
-        finish_validation(run, split[1], device)
-        return run
+    hold.enter_context(RunLock(run))
+    if not resume and (run / "last.pt").exists():
+        raise FileExistsError(f"{run} already holds a run (last.pt); pass --resume to continue it or choose another --output.")
+    attach_log_file(run / "train.log")
+    if cfg is None and not resume:
+        cfg = _planned(man, run, device, overrides)
+    cfg, plan, split = _setup(man, cfg, run, resume, plan)
+    world = distributed.world_size()
+    if len(split[0]) < world:
+        raise ConfigError(f"{len(split[0])} training case(s) cannot be shared by {world} processes (each trains on its own cases); "
+                          f"start at most {len(split[0])} processes (torchrun --nproc_per_node x --nnodes).")
+    if world > 1:
+        log.info("%d processes: global batch %d patches (%d per process), each training on its own ~%d cases and validating ~%d",
+                 world, world * cfg.train.batch_size, cfg.train.batch_size, -(-len(split[0]) // world), -(-len(split[1]) // world))
+    return cfg, plan, split
 
 
 def _planned(man: Manifest, run: Path, device: str, overrides: Sequence[str]) -> Config:
@@ -152,53 +189,75 @@ def _resolve(cfg: Config, manifest: Manifest, plan: Plan) -> Config:
 
 
 def _fit(run: Path, cfg: Config, plan: Plan, split: tuple, resume: bool, device: str, progress: bool) -> Path:
+    """Build, restore and run the engine. With several processes each rank takes its shard of
+    the training cases (``distributed.shard``: cached by that rank only) and draws its own
+    patches: sampler and augmentation streams are seeded with ``train.seed + rank`` (rank 0's are
+    those of a single-process run). ``train.batch_size`` is per rank; one optimiser step averages
+    the gradients of all ``world_size x batch_size`` patches, and ``train.lr`` is the step size
+    for that average: it is not scaled with the number of processes (set a larger one by hand if
+    the bigger batch wants it). ``train.steps_per_epoch`` counts optimiser steps, so an epoch sees
+    N x the patches."""
     from ignite.engine import Engine
     from ignite.handlers.tensorboard_logger import TensorboardLogger
     from monai.utils import set_determinism
 
+    from .. import distributed
     from ..inference.predictor import Predictor
 
     t = cfg.train
-    set_determinism(seed=t.seed)
+    set_determinism(seed=t.seed)  # the same initial weights on every rank
     parts = build_parts(cfg, plan, device)
+    if distributed.rank() > 0:  # own dropout masks and loader-worker seeds
+        set_determinism(seed=t.seed + distributed.rank())
     loader, val_ds, transform = _loaders(cfg, plan, split, run, parts.generator)
     trainer = Engine(_step(parts, t.grad_clip))
     best = -1.0
     if resume:
-        done, best = _restore(run, parts, trainer, t.epochs * t.steps_per_epoch, t.poly_power)
+        done, best = _restore(run, parts, trainer, cfg)
         if done >= t.epochs:
             log.info("run already complete (%d/%d epochs); raise train.epochs to continue it", done, t.epochs)
             return run
         trainer.state.max_epochs = t.epochs  # extend: a finished state with the old total would restart at epoch 0
+    parts.ddp = distributed.wrap(parts.model)
     row: dict = {}
-    tb = TensorboardLogger(log_dir=str(run / "tb"))
     _attach(trainer, parts, Predictor(parts.model, plan, cfg.infer, parts.device), val_ds, plan, cfg, transform, row, progress)
-    EpochRecord(run, plan, parts, row, best).attach(trainer, tb)
-    if len(val_ds) == 0:
-        log.warning("no validation cases: best.pt is not written; inference uses last.pt")
+    tb = None
+    if distributed.is_main():  # the run folder is rank 0's alone
+        tb = TensorboardLogger(log_dir=str(run / "tb"))
+        EpochRecord(run, plan, parts, row, best).attach(trainer, tb)
+        if not split[1]:
+            log.warning("no validation cases: best.pt is not written; inference uses last.pt")
     try:
         trainer.run(loader, max_epochs=t.epochs, epoch_length=t.steps_per_epoch)
     finally:
-        tb.close()
+        if tb is not None:
+            tb.close()
     raise_if_diverged(trainer, t.lr, run)
     return run
 
 
 def _loaders(cfg: Config, plan: Plan, split: tuple, run: Path, generator):
     """(training loader of ``steps_per_epoch`` batches per epoch, validation dataset, training
-    transform)."""
-    import torch
+    transform), each over this rank's shard of the cases."""
     from monai.data import DataLoader
 
+    from .. import distributed
     from .data import build_datasets
 
     t = cfg.train
     num_samples = max(1, min(cfg.data.samples_per_volume, t.batch_size))
     loader_batch = max(1, t.batch_size // num_samples)
-    train_ds, val_ds, transform = build_datasets(split[0], split[1], plan, cfg, run, num_samples)
-    sampler = torch.utils.data.RandomSampler(train_ds, replacement=True, num_samples=t.steps_per_epoch * loader_batch, generator=generator)
+    train_ds, val_ds, transform = build_datasets(distributed.shard(split[0]), distributed.shard(split[1]), plan, cfg, run, num_samples)
+    sampler = _sampler(train_ds, t.steps_per_epoch * loader_batch, generator)
     loader = DataLoader(train_ds, batch_size=loader_batch, sampler=sampler, num_workers=cfg.data.num_workers, drop_last=True)
     return loader, val_ds, transform
+
+
+def _sampler(dataset, num_samples: int, generator):
+    """Cases drawn with replacement: an epoch is a number of steps, not a pass over the cases."""
+    import torch
+
+    return torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=num_samples, generator=generator)
 
 
 def poly_schedule(opt, total_iters: int, power: float):
@@ -214,6 +273,7 @@ def build_parts(cfg: Config, plan: Plan, device: str) -> Parts:
     import torch
     from monai.losses import DeepSupervisionLoss, DiceCELoss
 
+    from .. import distributed
     from ..inference.predictor import resolve_device
     from ..nets import build_network
 
@@ -232,19 +292,22 @@ def build_parts(cfg: Config, plan: Plan, device: str) -> Parts:
         loss = DeepSupervisionLoss(loss, weight_mode="exp")
     amp = t.amp and dev.type == "cuda"
     return Parts(model, opt, poly_schedule(opt, t.epochs * t.steps_per_epoch, t.poly_power), torch.amp.GradScaler("cuda", enabled=amp),
-                 loss, dev, amp, torch.Generator().manual_seed(t.seed))
+                 loss, dev, amp, torch.Generator().manual_seed(t.seed + distributed.rank()))
 
 
 def _step(p: Parts, grad_clip: float):
     import torch
 
+    from .. import distributed
+
     def step(engine, batch) -> float:
-        p.model.train()
+        net = p.ddp if p.ddp is not None else p.model
+        net.train()
         x = batch["image"].to(p.device, non_blocking=True)
         y = batch["label"].to(p.device, non_blocking=True).float()
         p.opt.zero_grad(set_to_none=True)
         with torch.autocast(p.device.type, enabled=p.amp):
-            out = p.model(x)
+            out = net(x)
         out = [o.float() for o in out] if isinstance(out, (list, tuple)) else out.float()
         loss = p.loss(out, y)
         p.scaler.scale(loss).backward()
@@ -254,46 +317,85 @@ def _step(p: Parts, grad_clip: float):
         p.scaler.step(p.opt)
         p.scaler.update()
         p.sched.step()
-        return loss.item()
+        # the mean over the ranks (one scalar all-reduce): every rank sees the same value, so
+        # TerminateOnNan stops all of them at the same step (one rank stopping alone would leave
+        # the others waiting in the next gradient all-reduce); metrics.csv gets the global loss
+        return distributed.average(loss.detach())
 
     return step
 
 
-def _restore(run: Path, p: Parts, trainer, total_iters: int, power: float) -> Tuple[int, float]:
-    """Load last.pt into ``p`` and ``trainer``; return (epochs done, best validation Dice).
-    The schedule keeps its position but follows the poly curve of ``total_iters``."""
-    ckpt = load_checkpoint(run / "last.pt")
+def _restore(run: Path, p: Parts, trainer, cfg: Config) -> Tuple[int, float]:
+    """Load last.pt (read by rank 0, given to all) into ``p`` and ``trainer``; return (epochs
+    done, best validation Dice). The schedule keeps its position but follows the poly curve of
+    the (possibly extended) ``train.epochs``."""
+    from .. import distributed
+
+    t = cfg.train
+    total_iters = t.epochs * t.steps_per_epoch
+    ckpt = distributed.on_main(load_checkpoint, run / "last.pt")
     try:
         p.model.load_state_dict(ckpt["model"])
         p.opt.load_state_dict(ckpt["optimizer"])
         p.sched.load_state_dict(ckpt["scheduler"])
         p.scaler.load_state_dict(ckpt["scaler"])
         trainer.load_state_dict(ckpt["engine"])
-        set_rng_state(ckpt["rng"], p.generator)
         epoch, best = int(ckpt["epoch"]), float(ckpt["best"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        _restore_rng(ckpt["rng"], p.generator, t.seed, epoch)
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as exc:
         from .run_folder import RunFolderError
 
         raise RunFolderError(f"{run / 'last.pt'}: does not match this run ({type(exc).__name__}: {str(exc)[:160]}); "
                              "start a new run or restore the file.") from None
     it = p.sched.last_epoch
     for group, base in zip(p.opt.param_groups, p.sched.base_lrs):
-        group["lr"] = base * max(0.0, 1.0 - it / total_iters) ** power
-    truncate_csv(run / "metrics.csv", epoch)
+        group["lr"] = base * max(0.0, 1.0 - it / total_iters) ** t.poly_power
+    if distributed.is_main():
+        truncate_csv(run / "metrics.csv", epoch)
     log.info("resumed from %s at epoch %d (lr %.3g)", run / "last.pt", epoch, p.opt.param_groups[0]["lr"])
     return epoch, best
 
 
+def _restore_rng(stored, generator, seed: int, epoch: int) -> None:
+    """Each rank continues its own stored RNG streams (torch, numpy, python, sampler) when as
+    many processes resume as wrote the checkpoint, so the resumed run equals an uninterrupted
+    one. With another number (say a 2-process run resumed by 1) there is no stream to continue
+    for some ranks, so every rank re-seeds all four from ``train.seed + rank + world_size x
+    epoch``: reproducible, but not the patches an uninterrupted run would have drawn."""
+    from monai.utils import set_determinism
+
+    from .. import distributed
+
+    states = stored if isinstance(stored, list) else [stored]  # one state: written by one process
+    rank, world = distributed.rank(), distributed.world_size()
+    if len(states) == world:
+        set_rng_state(states[rank], generator)
+        return
+    new_seed = seed + rank + world * epoch
+    set_determinism(seed=new_seed)
+    generator.manual_seed(new_seed)
+    log.info("last.pt was written by %d process(es), resumed by %d: random streams re-seeded from train.seed + rank + %d x epoch",
+             len(states), world, world)
+
+
 def _attach(trainer, p: Parts, predictor, val_ds, plan: Plan, cfg: Config, transform, row: dict, progress: bool) -> None:
-    """Timing, augmentation seeding, validation, the NaN stop and (on a terminal) a progress bar."""
+    """Timing, augmentation seeding, RNG states, validation, the NaN stop and (on a terminal) a
+    progress bar. On every rank: the collectives inside must run on all of them."""
     from ignite.engine import Events
 
-    seed = cfg.train.seed
+    from .. import distributed
+
+    seed = cfg.train.seed + distributed.rank()
 
     @trainer.on(Events.EPOCH_STARTED)
     def _seed_epoch(engine):
-        # per-epoch transform seed: reproducible, and a resumed run continues the same stream
+        # per-epoch (and per-rank) transform seed: reproducible, and a resumed run continues the same stream
         transform.set_random_state(seed=(seed * 100_003 + engine.state.epoch) % 2**32)
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _gather_rng(engine):
+        # every rank's streams, for last.pt (EpochRecord, rank 0): a resume continues each of them
+        engine.state.rng_states = distributed.all_gather(rng_state(p.generator))
 
     attach_timing(trainer, row)
     attach_nan_stop(trainer)

@@ -14,7 +14,6 @@ import numpy as np
 
 from ..config import ConfigError
 from ..data.io import save_torch, write_text
-from .run_folder import rng_state
 
 log = logging.getLogger(__name__)
 
@@ -68,22 +67,36 @@ def attach_validation(trainer, model, predictor, val_ds, plan, every: int, row: 
     """Every ``every`` epochs and after the last one: mean foreground Dice per class over the
     validation cases, with the predictor ``volseg infer`` uses. The network runs in eval mode
     (MONAI ``eval_mode``: no dropout, batch-norm statistics neither used from the batch nor
-    updated) and its previous mode is restored afterwards."""
+    updated) and its previous mode is restored afterwards.
+
+    With several processes ``val_ds`` is this rank's shard of the cases; the per-case scores of
+    all ranks are gathered (a few numbers per case) and put back in the cases' order, so the mean
+    is exactly that of one process predicting them all."""
     from ignite.engine import Events
     from monai.networks import eval_mode
 
+    from .. import distributed
+
     names = list(plan.label_names[1:])
+    told: List[bool] = []
 
     def due(engine, epoch: int) -> bool:
         return epoch % every == 0 or epoch == engine.state.max_epochs
 
     @trainer.on(Events.EPOCH_COMPLETED(event_filter=due))
     def _validate(engine):
-        if len(val_ds) == 0:
-            return
         with eval_mode(model):
-            scores = np.array([dice_per_class(predictor.predict_index(v["image"]), np.asarray(v["label"])[0], plan.num_classes)
-                               for v in (val_ds[i] for i in range(len(val_ds)))])
+            mine = [(v["name"], dice_per_class(predictor.predict_index(v["image"]), np.asarray(v["label"])[0], plan.num_classes))
+                    for v in (val_ds[i] for i in range(len(val_ds)))]
+        shares = distributed.all_gather(mine)
+        if len(shares) > 1:
+            log.info("validation split over %d processes: %s cases", len(shares), "+".join(str(len(s)) for s in shares))
+            if not told:  # the names once per run
+                told.append(True)
+                log.info("validation cases per rank: %s", "; ".join(f"rank {r}: {' '.join(n for n, _ in s)}" for r, s in enumerate(shares)))
+        scores = np.array([d for _, d in distributed.unshard(shares)])
+        if len(scores) == 0:
+            return
         per_class = scores.mean(0)
         row["val_dice_mean"] = float(per_class.mean())
         row.update({f"val_dice_{n}": float(d) for n, d in zip(names, per_class)})
@@ -111,7 +124,8 @@ def raise_if_diverged(trainer, lr: float, run: Path) -> None:
 
 class EpochRecord:
     """At the end of every epoch: one metrics.csv row, TensorBoard scalars, best.pt when the
-    validation Dice improves, then last.pt (model, optimiser, scheduler, scaler, engine, RNG)."""
+    validation Dice improves, then last.pt (model, optimiser, scheduler, scaler, engine, and the
+    RNG states of every process, ``engine.state.rng_states``). Attached on rank 0 only."""
 
     def __init__(self, run: Path, plan, parts, row: Dict, best: float = -1.0):
         self.run, self.parts, self.row, self.best = run, parts, row, best
@@ -152,7 +166,7 @@ class EpochRecord:
             csv.writer(f).writerow([_fmt(r.get(h)) for h in self.header])
         state = {"model": p.model.state_dict(), "optimizer": p.opt.state_dict(), "scheduler": p.sched.state_dict(),
                  "scaler": p.scaler.state_dict(), "engine": engine.state_dict(), "epoch": ep, "best": self.best,
-                 "rng": rng_state(p.generator)}
+                 "rng": engine.state.rng_states}
         save_torch(state, self.run / "last.pt")
         msg = f"epoch {ep}/{engine.state.max_epochs} loss {r['train_loss']:.4f}"
         if mean is not None:

@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-__all__ = ["init", "shutdown", "rank", "world_size", "is_main", "barrier", "launched", "local_world_size", "quiet_other_ranks",
+__all__ = ["init", "local_cuda_device", "shutdown", "rank", "world_size", "is_main", "barrier", "launched", "local_world_size", "quiet_other_ranks",
            "shard", "unshard", "on_main", "all_gather", "average", "wrap"]
 
 
@@ -60,20 +60,28 @@ def init(device: str = "cpu") -> Tuple[int, int]:
     """
     if not launched():
         return 0, 1
-    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
-            local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
-            if local >= gpus:
-                raise RuntimeError(f"torchrun process LOCAL_RANK={local} has no GPU of its own: {gpus} CUDA GPU(s) visible on this "
-                                   f"machine; start at most {gpus} processes per machine (--nproc_per_node) or use --device cpu.")
-            torch.cuda.set_device(local)
+            local_cuda_device()
         dist.init_process_group(backend=backend)
         log.debug("rank %d of %d joined (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return dist.get_rank(), dist.get_world_size()
+
+
+def local_cuda_device():
+    """This process's GPU, ``cuda:LOCAL_RANK`` (one process per GPU), made the current device;
+    a clear error when the machine has fewer GPUs than processes."""
+    import torch
+
+    local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local >= gpus:
+        raise RuntimeError(f"torchrun process LOCAL_RANK={local} has no GPU of its own: {gpus} CUDA GPU(s) visible on this "
+                           f"machine; start at most {gpus} processes per machine (--nproc_per_node) or use --device cpu.")
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
 
 
 def local_world_size() -> int:
@@ -181,16 +189,3 @@ def shutdown() -> None:
     d = _dist()
     if d:
         d.destroy_process_group()
-
-
-# -- appended for batch inference (volseg.inference.batch) ----------------------------------------
-
-
-def broadcast_object(obj):
-    """Rank 0's ``obj`` (any picklable object) on every rank; ``obj`` itself without a group."""
-    d = _dist()
-    if not d:
-        return obj
-    box = [obj]
-    d.broadcast_object_list(box, src=0)
-    return box[0]

@@ -222,7 +222,7 @@ def infer_many(
     try:
         rank, world = distributed.rank(), distributed.world_size()
         out = summary_path(jobs)
-        plan = distributed.broadcast_object(_plan(jobs, world) if rank == 0 else None)
+        plan = distributed.on_main(_plan, jobs, world)
         ranklog = _RankLog(out.parent / RANKS_DIR / plan["token"], plan["token"], rank)
         pred = _load_predictor(model, device, checkpoint, overrides, progress)
         mine = [i for i, r in enumerate(plan["ranks"]) if r == rank]
@@ -251,13 +251,7 @@ def _load_predictor(model, device: str, checkpoint: str, overrides: Optional[dic
 
     dev = resolve_device(device)
     if dev.type == "cuda" and distributed.launched():
-        import torch
-
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if local >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK={local} but {torch.cuda.device_count()} GPU(s) are visible; start at most that many processes per node (--nproc_per_node) or use --device cpu.")
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
+        dev = distributed.local_cuda_device()
     return Predictor.from_run(model, device=dev, checkpoint=checkpoint, overrides=overrides, progress=progress and distributed.is_main())
 
 

@@ -22,22 +22,23 @@ move voxel for voxel is refused.
 
 Protocol: train on every source but ``--holdout`` (default ``dicom``), segment the held-out
 scan, Dice of the aorta on the scan's own grid (``volseg.evaluation.evaluate``). Both sides get
-the same number of optimiser steps, patches per step, patch size and spacing; seeds ``--seeds``;
+the same number of optimiser steps, patches per step and spacing (patch: see below); seeds ``--seeds``;
 training lengths ``--steps`` (each length is a fresh run). Each run is its own subprocess.
 
-* ``volseg``: ``volseg.training.train(manifest, None, ...)``, i.e. ``volseg train MANIFEST``
-  without ``--config``: the planner's config, with only ``train.epochs``,
+* ``volseg``: the planner on the training sources (``volseg plan MANIFEST --memory GB``, run
+  once in the parent), then ``volseg.training.train`` with that config, i.e. ``volseg train
+  MANIFEST --config planned.yaml``; set over the plan: only ``train.epochs``,
   ``train.steps_per_epoch``, ``train.seed``, ``data.val_fraction=0`` (every training scan
-  trains; ``best.pt`` then falls back to ``last.pt``) and ``--set`` on top; inference with
-  ``Predictor.from_run`` and the run's ``infer`` settings.
+  trains; ``best.pt`` then falls back to ``last.pt``), ``--spacing`` and ``--set``. Inference
+  with ``Predictor.from_run`` and the run's ``infer`` settings.
 * ``monai``: MONAI's spleen segmentation tutorial (``spleen_segmentation_3d``), written out
   plainly: ``LoadImaged`` -> ``EnsureChannelFirstd`` -> ``ScaleIntensityRanged(-57, 164 HU ->
   0..1, clip)`` -> ``CropForegroundd`` -> ``Orientationd(RAS)`` -> ``Spacingd`` ->
   ``RandCropByPosNegLabeld(pos=1, neg=1)`` in a ``CacheDataset``; MONAI ``UNet`` (16-256
   channels, strides 2, ``num_res_units=2``, batch norm); ``DiceCELoss``; ``Adam(1e-4)``;
   ``sliding_window_inference`` (overlap 0.25) -> ``Invertd`` -> argmax -> ``SaveImaged``. The
-  spacing, patch size and patches per step are volseg's plan (planned once in the parent), so
-  only the recipe differs; ``--threads`` applies to both.
+  spacing and patches per step are volseg's plan, the patch volseg's rounded up to a multiple of
+  16 (:func:`tutorial_patch`); ``--threads`` applies to both.
 
     python benchmarks/bench_real.py                 # the full run (see benchmarks/README.md)
     python benchmarks/bench_real.py --quick         # smoke test: a few steps, one seed
@@ -100,7 +101,8 @@ def _extract(sdist: Path, dest: Path) -> Path:
     wanted = [REF + p for scan, ref, _ in SOURCES.values() for p in (scan, ref)]
     with tarfile.open(sdist) as tar:
         members = [m for m in tar.getmembers() if m.isfile() and any(m.name == w or m.name.startswith(w + "/") for w in wanted)]
-        tar.extractall(dest, members=members, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(dest, members=members)
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.12 and recent patch releases
+        tar.extractall(dest, members=members, **safe)
     return dest / REF
 
 
@@ -114,7 +116,7 @@ def _scan(path: Path):
     return sitk.ReadImage(str(path))
 
 
-def prepare_source(ref_dir: Path, name: str, out: Path) -> Dict[str, str]:
+def prepare_source(ref_dir: Path, name: str, out: Path) -> dict:
     """One source as ``out/<name>.nii.gz`` (the scan, int16, its own grid) and
     ``out/<name>_aorta.nii.gz`` (uint8, 1 = aorta, the same grid). The reference is moved onto
     the scan's grid by nearest-neighbour resampling with the identity transform; the aorta must
@@ -389,10 +391,11 @@ def report(results: Dict[int, Dict[str, List[dict]]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "volseg-bench", help="download and data folder (default ~/.cache/volseg-bench)")
-    p.add_argument("--holdout", choices=sorted(SOURCES), default="dicom", help="the source held out for testing (default dicom)")
+    p.add_argument("--holdout", choices=sorted(SOURCES), nargs="+", default=["dicom"],
+                   help="the source(s) held out for testing, one experiment each (default dicom)")
     p.add_argument("--steps", type=int, nargs="+", default=[100, 300], help="training lengths in optimiser steps, each a fresh run (default 100 300)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
     p.add_argument("--memory", type=float, default=0.5,
@@ -407,9 +410,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--json", type=Path, help="also write every figure here")
     p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args._worker:
-        _worker(*args._worker)
-        return 0
     if args.quick:
         args.steps, args.seeds = [4, 8], [0]
         args.spacing, args.set = 4.5, ["data.patch_size=[32,32,32]"] + args.set
@@ -417,20 +417,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f"--steps {args.steps}: every length must be >= 1; --spacing {args.spacing} must be >= 0 mm")
     if args.spacing:
         args.set = [f"data.spacing=[{args.spacing},{args.spacing},{args.spacing}]"] + args.set
-    print(f"data: aorta on real CT, {SDIST}, held out: {args.holdout}", flush=True)
-    manifest = prepare(args.cache, args.holdout)
+    return args
+
+
+def experiment(holdout: str, args: argparse.Namespace) -> Dict[int, Dict[str, List[dict]]]:
+    """Plan on the other sources, run every length x seed x pipeline, print the report."""
+    print(f"data: aorta on real CT, {SDIST}, held out: {holdout}", flush=True)
+    manifest = prepare(args.cache, holdout)
     with tempfile.TemporaryDirectory(prefix="volseg_bench_real_") as tmp:
         cfg = plan(manifest, Path(tmp), args.memory, args.set)
         print(f"plan (--memory {args.memory:g}{', ' + ' '.join(args.set) if args.set else ''}): spacing {list(cfg.data.spacing)} mm, "
               f"patch {list(cfg.data.patch_size)} (MONAI side {tutorial_patch(cfg.data.patch_size)}), batch {cfg.train.batch_size}, "
-              f"features {list(cfg.model.features)}; "
-              f"steps {args.steps}, seeds {args.seeds}, threads {args.threads or 'default'}", flush=True)  # fmt: skip
+              f"features {list(cfg.model.features)}; steps {args.steps}, seeds {args.seeds}, threads {args.threads or 'default'}", flush=True)  # fmt: skip
         t0 = time.perf_counter()
         results = measure(manifest, cfg, args, Path(tmp))
-    print(f"\n{report(results)}\n(all runs: {(time.perf_counter() - t0) / 60:.1f} min)")
+    print(f"\nheld out: {holdout}\n{report(results)}\n(all runs: {(time.perf_counter() - t0) / 60:.1f} min)\n", flush=True)
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse(argv)
+    if args._worker:
+        _worker(*args._worker)
+        return 0
+    results = {holdout: experiment(holdout, args) for holdout in args.holdout}
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items() if k != "_worker"}, "results": results}, indent=2), encoding="utf-8")
-    return 0 if all("error" not in r for sides in results.values() for runs in sides.values() for r in runs) else 1
+    return 0 if all("error" not in r for res in results.values() for sides in res.values() for runs in sides.values() for r in runs) else 1
 
 
 if __name__ == "__main__":

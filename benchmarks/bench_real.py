@@ -38,7 +38,8 @@ training lengths ``--steps`` (each length is a fresh run). Each run is its own s
   channels, strides 2, ``num_res_units=2``, batch norm); ``DiceCELoss``; ``Adam(1e-4)``;
   ``sliding_window_inference`` (overlap 0.25) -> ``Invertd`` -> argmax -> ``SaveImaged``. The
   spacing and patches per step are volseg's plan, the patch volseg's rounded up to a multiple of
-  16 (:func:`tutorial_patch`); ``--threads`` applies to both.
+  16 (:func:`tutorial_patch`); ``--threads`` and ``--device`` apply to both (on CUDA volseg
+  trains with its default AMP, the tutorial without, as each ships).
 
     python benchmarks/bench_real.py                 # the full run (see benchmarks/README.md)
     python benchmarks/bench_real.py --quick         # smoke test: a few steps, one seed
@@ -170,13 +171,13 @@ def prepare(cache: Path, holdout: str) -> Path:
     return path
 
 
-def plan(manifest: Path, work: Path, memory_gb: float, sets: Sequence[str]):
+def plan(manifest: Path, work: Path, memory_gb: float, sets: Sequence[str], device: str = "cpu"):
     """volseg's planned config for the training sources (``volseg plan MANIFEST --memory``)
     with ``sets`` on top; the commented YAML is kept in ``work``."""
     from volseg.data.manifest import load_manifest
     from volseg.data.planning import plan_manifest
 
-    return plan_manifest(load_manifest(manifest), work / "planned_config.yaml", memory_gb=memory_gb, device="cpu", overrides=list(sets))
+    return plan_manifest(load_manifest(manifest), work / "planned_config.yaml", memory_gb=memory_gb, device=device, overrides=list(sets))
 
 
 # --------------------------------------------------------------------------- the two pipelines (in workers)
@@ -194,9 +195,9 @@ def _run_volseg(job: dict) -> dict:
     logging.getLogger("volseg").setLevel(logging.ERROR)
     out = Path(job["out_dir"])
     t0 = time.perf_counter()
-    run = train(job["manifest"], from_dict(job["config"]), out / "run", device="cpu")
+    run = train(job["manifest"], from_dict(job["config"]), out / "run", device=job["device"])
     t1 = time.perf_counter()
-    pred = Predictor.from_run(run, device="cpu")
+    pred = Predictor.from_run(run, device=job["device"])
     images = [read_image(job["test_image"])]
     labels = pred.predict(images, source=job["test_image"])["labels"]
     prediction = write_label_like(labels.astype("uint8"), job["test_image"], images[0], out / "pred_seg.nii.gz")
@@ -247,7 +248,8 @@ def _tutorial_train(job: dict, spacing, patch):
     # one scan per step, `batch` patches of it: the patches per step of volseg's plan
     ds = CacheDataset(job["files"], _tutorial_transforms(spacing, patch, job["batch"]), cache_rate=1.0, num_workers=0, progress=False)
     loader = DataLoader(ds, batch_size=1, shuffle=True, num_workers=0)
-    model = _tutorial_model()
+    dev = torch.device(job["device"])
+    model = _tutorial_model().to(dev)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(model.parameters(), 1e-4)
     model.train()
@@ -255,7 +257,7 @@ def _tutorial_train(job: dict, spacing, patch):
     while step < job["steps"]:
         for batch in loader:
             opt.zero_grad()
-            loss = loss_fn(model(batch["image"]), batch["label"])
+            loss = loss_fn(model(batch["image"].to(dev)), batch["label"].to(dev))
             loss.backward()
             opt.step()
             step += 1
@@ -284,7 +286,7 @@ def _run_monai(job: dict) -> dict:
     data = pre({"image": job["test_image"]})
     model.eval()
     with torch.no_grad():
-        data["pred"] = sliding_window_inference(data["image"][None], patch, 4, model)[0]
+        data["pred"] = sliding_window_inference(data["image"][None].to(job["device"]), patch, 4, model)[0].cpu()
     post(data)
     (prediction,) = out.glob("*_seg.nii.gz")
     return {"train_s": t1 - t0, "infer_s": time.perf_counter() - t1, "prediction": str(prediction)}
@@ -340,7 +342,7 @@ def _jobs(manifest: Path, cfg, args, work: Path, steps: int, seed: int) -> Dict[
     (test,) = man.test
     common = {"manifest": str(manifest), "config": to_dict(cfg), "test_image": str(test.images[0]), "test_label": str(test.label),
               "files": [{"image": str(c.images[0]), "label": str(c.label)} for c in man.training], "steps": steps, "seed": seed,
-              "batch": cfg.train.batch_size, "threads": args.threads}  # fmt: skip
+              "batch": cfg.train.batch_size, "threads": args.threads, "device": args.device}  # fmt: skip
     return {side: dict(common, out_dir=str(work / f"{side}_{steps}_seed{seed}")) for side in SIDES}
 
 
@@ -407,6 +409,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    "the planned median, 2.25 mm, is slow on a CPU); 0 keeps the plan's")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override on volseg's planned config, repeatable; "
                    "data.spacing and data.patch_size also reach the MONAI side")  # fmt: skip
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both pipelines train and infer (default cpu)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: torch's choice; 1 on a shared machine)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per run before it is stopped")
     p.add_argument("--quick", action="store_true", help="smoke test: 4 and 8 steps, seed 0, 4.5 mm spacing, patch 32^3")
@@ -428,7 +431,7 @@ def experiment(holdout: str, args: argparse.Namespace) -> Dict[int, Dict[str, Li
     print(f"data: aorta on real CT, {SDIST}, held out: {holdout}", flush=True)
     manifest = prepare(args.cache, holdout)
     with tempfile.TemporaryDirectory(prefix="volseg_bench_real_") as tmp:
-        cfg = plan(manifest, Path(tmp), args.memory, args.set)
+        cfg = plan(manifest, Path(tmp), args.memory, args.set, args.device)
         print(f"plan (--memory {args.memory:g}{', ' + ' '.join(args.set) if args.set else ''}): spacing {list(cfg.data.spacing)} mm, "
               f"patch {list(cfg.data.patch_size)} (MONAI side {tutorial_patch(cfg.data.patch_size)}), batch {cfg.train.batch_size}, "
               f"features {list(cfg.model.features)}; steps {args.steps}, seeds {args.seeds}, threads {args.threads or 'default'}", flush=True)  # fmt: skip

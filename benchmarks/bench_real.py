@@ -350,10 +350,10 @@ def measure(manifest: Path, cfg, args, work: Path) -> Dict[int, Dict[str, List[d
     """``{steps: {side: [one result per seed]}}``; sides alternate which goes first."""
     results: Dict[int, Dict[str, List[dict]]] = {}
     for steps in args.steps:
-        results[steps] = {side: [] for side in SIDES}
+        results[steps] = {side: [] for side in args.sides}
         for i, seed in enumerate(args.seeds):
             jobs = _jobs(manifest, cfg, args, work, steps, seed)
-            for side in SIDES if i % 2 == 0 else SIDES[::-1]:
+            for side in args.sides if i % 2 == 0 else args.sides[::-1]:
                 r = dict(_spawn(side, jobs[side], args.timeout), seed=seed)
                 results[steps][side].append(r)
                 if "error" in r:
@@ -382,14 +382,14 @@ def report(results: Dict[int, Dict[str, List[dict]]]) -> str:
             lines.append(f"| {steps} | {side} | {per_seed} | {_mean_sd([r['dice'] for r in ok])} | {mean('train_s')} | {mean('infer_s')} |")
     lines.append("")
     for steps, sides in results.items():
-        pairs = [(v, m) for v, m in zip(sides["volseg"], sides["monai"]) if "error" not in v and "error" not in m]
+        pairs = [(v, m) for v, m in zip(sides.get("volseg", []), sides.get("monai", [])) if "error" not in v and "error" not in m]
         margins = ", ".join(f"{v['dice'] - m['dice']:+.3f}" for v, m in pairs)
-        ahead = pairs and len(pairs) == len(sides["volseg"]) and all(v["dice"] > m["dice"] for v, m in pairs)
+        ahead = pairs and len(pairs) == len(sides["volseg"]) == len(sides["monai"]) and all(v["dice"] > m["dice"] for v, m in pairs)
         best = max([r["dice"] for runs in sides.values() for r in runs if "error" not in r] or [0.0])
         idle = f" (but no run reaches Dice {LEARNED}: neither segments the aorta yet, so this says nothing)" if best < LEARNED else ""
         lines.append(f"{steps} steps: volseg - monai Dice per seed: {margins or '-'}; volseg ahead on every seed: {'yes' if ahead else 'no'}{idle}")
     lengths = sorted(results)
-    for side in SIDES if len(lengths) > 1 else ():
+    for side in sorted(results[lengths[0]], key=SIDES.index) if len(lengths) > 1 else ():
         means = [statistics.mean([r["dice"] for r in results[n][side] if "error" not in r] or [float("nan")]) for n in lengths]
         trend = " -> ".join(f"{m:.3f} ({n})" for m, n in zip(means, lengths))
         lines.append(f"{side}: mean Dice by training steps {trend}; no worse with longer training: {'yes' if means[-1] >= means[0] else 'no'}")
@@ -401,24 +401,26 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "volseg-bench", help="download and data folder (default ~/.cache/volseg-bench)")
     p.add_argument("--holdout", choices=sorted(SOURCES), nargs="+", default=["dicom"],
                    help="the source(s) held out for testing, one experiment each (default dicom)")
-    p.add_argument("--steps", type=int, nargs="+", default=[100, 300], help="training lengths in optimiser steps, each a fresh run (default 100 300)")
+    p.add_argument("--steps", type=int, nargs="+", default=[150, 600],
+                   help="training lengths in optimiser steps, each a fresh run (default 150 600)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
     p.add_argument("--memory", type=float, default=0.5,
                    help="volseg planner's memory budget in GB (`volseg plan --memory`; default 0.5: a CPU-sized patch)")
-    p.add_argument("--spacing", type=float, default=3.0, help="isotropic spacing in mm for both sides, over the plan's (default 3: "
-                   "the planned median, 2.25 mm, is slow on a CPU); 0 keeps the plan's")  # fmt: skip
+    p.add_argument("--spacing", type=float, default=4.5, help="isotropic spacing in mm for both sides, over the plan's (default 4.5: "
+                   "the planned median, 2.25 mm, is too slow on a CPU); 0 keeps the plan's")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override on volseg's planned config, repeatable; "
                    "data.spacing and data.patch_size also reach the MONAI side")  # fmt: skip
+    p.add_argument("--sides", choices=SIDES, nargs="+", default=list(SIDES), help="pipelines to run (default both)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both pipelines train and infer (default cpu)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: torch's choice; 1 on a shared machine)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per run before it is stopped")
-    p.add_argument("--quick", action="store_true", help="smoke test: 4 and 8 steps, seed 0, 4.5 mm spacing, patch 32^3")
+    p.add_argument("--quick", action="store_true", help="smoke test: 4 and 8 steps, seed 0, patch 32^3")
     p.add_argument("--json", type=Path, help="also write every figure here")
     p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.seeds = [4, 8], [0]
-        args.spacing, args.set = 4.5, ["data.patch_size=[32,32,32]"] + args.set
+        args.set = ["data.patch_size=[32,32,32]"] + args.set
     if min(args.steps) < 1 or args.spacing < 0:
         p.error(f"--steps {args.steps}: every length must be >= 1; --spacing {args.spacing} must be >= 0 mm")
     if args.spacing:

@@ -34,7 +34,8 @@ training lengths ``--steps`` (each length is a fresh run). Each run is its own s
 * ``monai``: MONAI's spleen segmentation tutorial (``spleen_segmentation_3d``), written out
   plainly: ``LoadImaged`` -> ``EnsureChannelFirstd`` -> ``ScaleIntensityRanged(-57, 164 HU ->
   0..1, clip)`` -> ``CropForegroundd`` -> ``Orientationd(RAS)`` -> ``Spacingd`` ->
-  ``RandCropByPosNegLabeld(pos=1, neg=1)`` in a ``CacheDataset``; MONAI ``UNet`` (16-256
+  (``SpatialPadd`` to the patch, for scans thinner than it) -> ``RandCropByPosNegLabeld(pos=1,
+  neg=1)`` in a ``CacheDataset``; MONAI ``UNet`` (16-256
   channels, strides 2, ``num_res_units=2``, batch norm); ``DiceCELoss``; ``Adam(1e-4)``;
   ``sliding_window_inference`` (overlap 0.25) -> ``Invertd`` -> argmax -> ``SaveImaged``. The
   spacing and patches per step are volseg's plan, the patch volseg's rounded up to a multiple of
@@ -207,7 +208,7 @@ def _run_volseg(job: dict) -> dict:
 def _tutorial_transforms(spacing, patch, num_samples: Optional[int]):
     """The spleen tutorial's chain; the random crop only when ``num_samples`` is given."""
     from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged, Orientationd, RandCropByPosNegLabeld,
-                                  ScaleIntensityRanged, Spacingd)
+                                  ScaleIntensityRanged, Spacingd, SpatialPadd)
 
     keys = ["image", "label"] if num_samples else ["image"]
     chain = [
@@ -218,7 +219,8 @@ def _tutorial_transforms(spacing, patch, num_samples: Optional[int]):
         Orientationd(keys=keys, axcodes="RAS"),
         Spacingd(keys=keys, pixdim=spacing, mode=("bilinear", "nearest")[: len(keys)]),
     ]
-    if num_samples:
+    if num_samples:  # the pad: the `dicom` scan is 9 voxels deep at 4.5 mm, the tutorial's scans never are
+        chain.append(SpatialPadd(keys=keys, spatial_size=patch))
         chain.append(RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=patch, pos=1, neg=1, num_samples=num_samples,
                                             image_key="image", image_threshold=0))  # fmt: skip
     return Compose(chain)

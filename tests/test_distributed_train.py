@@ -165,8 +165,12 @@ def test_only_rank_zero_writes_the_run_folder_and_logs(ddp_runs):
     whole = ddp_runs["whole"]
     files = sorted(p.relative_to(whole).as_posix() for p in whole.rglob("*") if p.is_file())
     events = [f for f in files if f.startswith("tb/")]
-    assert [f for f in files if not f.startswith("tb/")] == [".lock", "best.pt", "config.yaml", "dataset.json", "last.pt",
-                                                              "metrics.csv", "plan.json", "train.log", "versions.json"]
+    val = sorted(f for f in files if f.startswith("val_predictions/"))
+    assert [f for f in files if not f.startswith(("tb/", "val_predictions/"))] == [
+        ".lock", "best.pt", "config.yaml", "dataset.json", "last.pt", "metrics.csv", "plan.json", "postprocessing.json", "train.log",
+        "versions.json"]
+    # the final validation predictions: one file per validation case, written once (by rank 0)
+    assert len([f for f in val if f.endswith("_seg.nii.gz")]) == len(json.loads((whole / "dataset.json").read_text())["validation"])
     assert len(events) == 1, f"one TensorBoard writer expected, found {events}"
     assert [r["epoch"] for r in _rows(whole)] == ["1", "2"]
     log = (whole / "train.log").read_text(encoding="utf-8")

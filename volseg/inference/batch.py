@@ -338,8 +338,9 @@ def _run_share(pred, jobs, mine, plan, ranklog: _RankLog, probabilities: bool, p
 
 
 def _thread_device(device) -> None:
-    """The prefetch thread's current CUDA device is its own (torch keeps it per thread)."""
-    if device.type == "cuda":
+    """The prefetch thread's current CUDA device is its own (torch keeps it per thread); a
+    plain ``cuda`` (no index) is already the current device."""
+    if device.type == "cuda" and device.index is not None:
         import torch
 
         torch.cuda.set_device(device)

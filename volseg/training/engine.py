@@ -112,6 +112,9 @@ def train(
             from ..evaluation.cv import finish_validation
 
             finish_validation(run, split[1], device)
+        # the others wait for it: a rank that leaves (and tears its group down) while rank 0 still
+        # works made gloo abort that rank now and then (SIGABRT in a 2-process test)
+        distributed.barrier()
         return run
 
 

@@ -56,6 +56,7 @@ STALE_TEMP_S = 3600.0  # a temporary folder older than this was left by a killed
 __all__ = [
     "ImageReadError",
     "read_image",
+    "read_header",
     "read_channels",
     "read_label",
     "write_image",
@@ -271,6 +272,20 @@ def read_channels(path: PathLike, pixel_type: Optional[int] = None) -> List[sitk
     if pixel_type is not None:
         images = [sitk.Cast(img, pixel_type) for img in images]
     return images
+
+
+def read_header(path: PathLike):
+    """A header-only reader of a scan file (``GetSize``, ``GetSpacing``,
+    ``GetNumberOfComponents``, ...: no voxel data is read); a DICOM series folder is read in
+    full (SimpleITK has no header-only path for a series, and its slice spacing comes from the
+    slices' positions)."""
+    path = Path(path)
+    if path.is_dir():
+        return read_image(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader
 
 
 def read_image(path: PathLike, pixel_type: Optional[int] = None) -> sitk.Image:

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .io import ImageReadError, case_name, itk_error_text, read_label, same_geometry
+from .io import ImageReadError, case_name, itk_error_text, read_header, read_label, same_geometry
 
 log = logging.getLogger(__name__)
 
@@ -146,19 +146,6 @@ def load_manifest(path: Union[str, Path]) -> Manifest:
     )
 
 
-def _header(path: Path):
-    """A header-only reader (``GetSize``, ``GetSpacing``, ...) for a file; a DICOM series
-    folder is read in full (SimpleITK has no header-only path for a series)."""
-    if path.is_dir():
-        from .io import read_image
-
-        return read_image(path)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    return reader
-
-
 def _info_image(h) -> sitk.Image:
     """A 1-voxel image carrying a header's spacing, origin and direction (sizes are compared
     separately), so :func:`same_geometry` can compare headers without reading voxels."""
@@ -224,7 +211,7 @@ def validate_cases(manifest: Manifest, cases: Sequence[Case], min_cases: int = 1
             problems.extend(f"{case.name}: file not found: {p}" for p in missing)
             continue
         try:
-            heads = [_header(p) for p in paths]
+            heads = [read_header(p) for p in paths]
         except RuntimeError as exc:
             problems.append(f"{case.name}: unreadable file ({itk_error_text(exc)})")
             continue

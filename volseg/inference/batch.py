@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..data.io import ImageReadError, case_name, is_image_path, is_nifti_path, itk_error_text, read_channels, write_label_like, write_text
+from ..data.io import ImageReadError, case_name, is_image_path, itk_error_text, read_channels, read_header, write_label_like, write_text
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,7 @@ def summary_path(jobs: Sequence[Job]) -> Path:
 
 def scan_voxels(job: Job) -> int:
     """Voxels x channels of a job's scans from their headers only (no voxel data is read):
-    nibabel for NIfTI, SimpleITK's ``ReadImageInformation`` otherwise, slices x the first slice
-    for a DICOM series. An unreadable header counts 0: the scan then fails, by name, on its rank."""
+    :func:`~volseg.data.io.read_header`, slices x the first slice for a DICOM series. An unreadable header counts 0: the scan then fails, by name, on its rank."""
     total = 0
     for path in job.images:
         try:
@@ -161,20 +160,17 @@ def scan_voxels(job: Job) -> int:
 
 
 def _header_voxels(path: Path) -> int:
+    if not path.is_dir():
+        head = read_header(path)
+        return int(np.prod(head.GetSize())) * head.GetNumberOfComponents()
+    # DICOM: the series read_channels reads (the one with the most files), as slices x the
+    # first slice's header (read_header would read the whole series)
     import SimpleITK as sitk
 
-    if is_nifti_path(path):
-        import nibabel as nib
-
-        return int(np.prod(nib.load(str(path)).header.get_data_shape()))
-    files = [str(path)]
-    if path.is_dir():  # DICOM: the series read_channels reads (the one with the most files)
-        reader = sitk.ImageSeriesReader()
-        files = max((reader.GetGDCMSeriesFileNames(str(path), uid) for uid in reader.GetGDCMSeriesIDs(str(path))), key=len)
-    info = sitk.ImageFileReader()
-    info.SetFileName(files[0])
-    info.ReadImageInformation()
-    return int(np.prod(info.GetSize())) * info.GetNumberOfComponents() * len(files)
+    reader = sitk.ImageSeriesReader()
+    files = max((reader.GetGDCMSeriesFileNames(str(path), uid) for uid in reader.GetGDCMSeriesIDs(str(path))), key=len)
+    first = read_header(files[0])
+    return int(np.prod(first.GetSize())) * first.GetNumberOfComponents() * len(files)
 
 
 def shard(sizes: Sequence[int], world: int) -> List[int]:
@@ -214,7 +210,7 @@ def infer_many(
     if not jobs:
         return []
     check_outputs(jobs)
-    own_group = distributed.launched() and not _group_ready()
+    own_group = distributed.launched() and distributed.world_size() == 1  # under torchrun, group not joined yet
     if own_group:
         # gloo even on CUDA: the group's only traffic is one small broadcast (the shards) at the
         # start; gloo does it on the CPU, with no NCCL communicator taking GPU memory
@@ -235,12 +231,6 @@ def infer_many(
     finally:
         if own_group:
             distributed.shutdown()
-
-
-def _group_ready() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
 
 
 def _load_predictor(model, device: str, checkpoint: str, overrides: Optional[dict], progress: bool):

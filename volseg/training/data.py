@@ -90,19 +90,10 @@ def cache_folder(plan: Plan, cfg: Config, run: Path) -> Path:
 
 
 def _voxels(case: Case, plan: Plan) -> float:
-    import SimpleITK as sitk
+    from ..data.io import read_header
 
-    from ..data.io import read_image
-
-    path = Path(case.images[0])
-    if path.is_dir():
-        img = read_image(path)
-        size, spacing = img.GetSize(), img.GetSpacing()
-    else:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        size, spacing = reader.GetSize()[:3], reader.GetSpacing()[:3]
+    head = read_header(case.images[0])
+    size, spacing = head.GetSize()[:3], head.GetSpacing()[:3]
     # reorientation permutes axes, so the product of extents is what matters
     return float(np.prod(np.array(size, float) * np.array(spacing)) / np.prod(plan.spacing))
 

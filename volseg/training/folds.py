@@ -88,6 +88,7 @@ def train_folds(manifest: PathLike, cfg: Optional[Config], parent: PathLike, fol
     validation predictions and the cross-validation Dice is logged."""
     from ..evaluation.cv import evaluate_cv, learn_postprocessing
     from .engine import train
+    from .run_folder import detach_log_file
 
     parent = Path(parent)
     man = load_manifest(manifest)
@@ -106,7 +107,7 @@ def train_folds(manifest: PathLike, cfg: Optional[Config], parent: PathLike, fol
             train(manifest, replace(cfg, data={"fold": k}), run, resume=resume and (run / "last.pt").is_file(), device=device,
                   progress=progress, plan=plan)
         finally:
-            _detach_log(run / "train.log")
+            detach_log_file(run / "train.log")
     done = [f for f in fold_dirs(parent) if (f / "val_predictions").is_dir()]
     if len(done) == folds:
         learn_postprocessing(parent)
@@ -116,15 +117,6 @@ def train_folds(manifest: PathLike, cfg: Optional[Config], parent: PathLike, fol
     else:
         log.info("%d of %d folds done; postprocessing is learned once all are", len(done), folds)
     return parent
-
-
-def _detach_log(path: Path) -> None:
-    """Stop writing to a finished fold's ``train.log`` (``train`` attaches it to the ``volseg``
-    logger), so the next fold's lines go to its own log only."""
-    root = logging.getLogger("volseg")
-    for h in [h for h in root.handlers if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve()]:
-        root.removeHandler(h)
-        h.close()
 
 
 def _check_manifest(man: Manifest, folds: int) -> None:

@@ -42,6 +42,7 @@ __all__ = [
     "checkpoint_path",
     "truncate_csv",
     "attach_log_file",
+    "detach_log_file",
 ]
 
 
@@ -188,15 +189,28 @@ def truncate_csv(path: Path, epoch: int) -> None:
     write_text(path, "\n".join(keep) + "\n")
 
 
+def _log_handlers(path: Path) -> list:
+    root = logging.getLogger("volseg")
+    return [h for h in root.handlers if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve()]
+
+
 def attach_log_file(path: Path) -> None:
     root = logging.getLogger("volseg")
-    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers):
+    if _log_handlers(path):
         return
     h = logging.FileHandler(path, encoding="utf-8")
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(h)
     if root.level == logging.NOTSET or root.level > logging.INFO:
         root.setLevel(logging.INFO)
+
+
+def detach_log_file(path: Path) -> None:
+    """Stop writing to ``path`` (attached by :func:`attach_log_file`): e.g. after one fold of a
+    cross-validation, so the next fold's lines go to its own log only."""
+    for h in _log_handlers(path):
+        logging.getLogger("volseg").removeHandler(h)
+        h.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from volseg.config import load_config
-from volseg.data.io import read_image, write_image
+from volseg.data.io import read_image, read_label, write_image
 from volseg.data.manifest import ManifestError, load_manifest, split_cases, validate_cases
 from volseg.data.preprocess import Plan, make_plan, preprocess, restore_labels
 
@@ -212,3 +212,30 @@ def test_restore_keeps_the_outermost_layers():
     pre = preprocess([image], plan, _img(lab, spacing=(0.8, 0.8, 2.5)))
     probs = pre["label"].astype(np.float16)  # binary plan: one sigmoid channel
     assert (restore_labels(probs, plan, image) == 1).all()
+
+
+def test_ct_window_keeps_soft_tissue_contrast_for_a_bright_foreground(tmp_path):
+    """A contrast-filled vessel as the only foreground (300-600 HU): its percentiles alone would
+    clip fat (-100 HU), water (0) and muscle (50) to one value; the window is widened to the
+    soft-tissue range, so they stay apart after normalisation."""
+    rng = np.random.default_rng(0)
+    body = np.full((20, 24, 24), -100.0)  # fat
+    body[:, :12] = 0.0  # water
+    body[:, :6] = 50.0  # muscle
+    lab = np.zeros(body.shape, np.uint8)
+    lab[5:15, 14:20, 8:16] = 1
+    body[lab == 1] = rng.uniform(300, 600, int(lab.sum()))
+    write_image(_img(body.astype(np.int16)), tmp_path / "a.nii.gz")
+    write_image(_img(lab), tmp_path / "a_lab.nii.gz")
+    m = load_manifest(_write_manifest(tmp_path, [{"image": "a.nii.gz", "label": "a_lab.nii.gz"}]))
+    plan = make_plan(m, m.training, load_config(None, ["data.patch_size=[16,16,16]"]))
+    n = plan.norms[0]
+    assert n.lo == -160.0 and n.hi > 590  # widened below, the foreground's own top kept
+    assert 300 < n.mean < 600  # z-scored with the foreground's statistics
+    pre = preprocess([read_image(tmp_path / "a.nii.gz")], plan, read_label(tmp_path / "a_lab.nii.gz"))
+    background = np.unique(np.round(pre["image"][0][pre["label"][0] == 0], 3))
+    assert len(background) == 3  # fat, water, muscle: three values (one under the percentile window)
+    # a foreground already spanning soft tissue keeps nnU-Net's percentile window
+    from volseg.data.preprocess import ct_window
+
+    assert ct_window(-300.0, 400.0) == (-300.0, 400.0) and ct_window(-2.0, 1621.0) == (-160.0, 1621.0)

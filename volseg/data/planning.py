@@ -39,7 +39,7 @@ import SimpleITK as sitk
 from ..config import Config, ConfigError, ModelConfig, apply_overrides, from_dict, load_config, to_dict
 from .io import write_text
 from .manifest import Case, Manifest, is_ct_modality
-from .preprocess import load_case, to_canonical
+from .preprocess import SOFT_TISSUE_HU, ct_window, load_case, to_canonical
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +303,12 @@ def _normalisation(fp: dict) -> str:
     parts = []
     for c, ch in enumerate(fp["channels"]):
         if ch["ct"]:
-            rng = f" ({ch['p00_5']:.0f}..{ch['p99_5']:.0f} HU here)" if "p00_5" in ch else ""
-            text = f"channel {c} {ch['name']!r} is CT: clip to the foreground 0.5-99.5 percentiles{rng}, z-score with their mean/std"
+            rng = ""
+            if "p00_5" in ch:
+                lo, hi = ct_window(ch["p00_5"], ch["p99_5"])
+                rng = f" ({ch['p00_5']:.0f}..{ch['p99_5']:.0f} HU here; window {lo:.0f}..{hi:.0f} HU)"
+            text = (f"channel {c} {ch['name']!r} is CT: clip to the foreground 0.5-99.5 percentiles widened to at least "
+                    f"{SOFT_TISSUE_HU[0]:.0f}..{SOFT_TISSUE_HU[1]:.0f} HU{rng}, z-score with the foreground's mean/std")
         else:
             text = f"channel {c} {ch['name']!r} is not CT: z-score per image over nonzero voxels"
         log.info("normalisation: %s", text)

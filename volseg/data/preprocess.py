@@ -7,7 +7,8 @@ Steps, identical at training and inference:
    linear, after a Gaussian anti-alias when an axis is downsampled by more than 1.5x; labels:
    nearest),
 3. normalise each channel: CT channels are clipped to the 0.5-99.5 percentiles of the training
-   foreground HU and z-scored with the foreground mean/std (MONAI ``ScaleIntensityRange`` does
+   foreground HU, widened to at least the soft-tissue window -160..240 HU (:func:`ct_window`),
+   and z-scored with the foreground mean/std (MONAI ``ScaleIntensityRange`` does
    both in one affine map); other modalities get a per-image z-score over nonzero voxels (MONAI
    ``NormalizeIntensity``), which removes arbitrary MRI intensity scales.
 
@@ -32,7 +33,7 @@ from .manifest import Case, Manifest, is_ct_modality
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Plan", "make_plan", "load_case", "preprocess", "preprocess_case", "restore_labels", "to_canonical", "resample"]
+__all__ = ["Plan", "SOFT_TISSUE_HU", "ct_window", "make_plan", "load_case", "preprocess", "preprocess_case", "restore_labels", "to_canonical", "resample"]
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,20 @@ def load_case(case: Case, with_label: bool = True) -> Tuple[List[sitk.Image], Op
     return images, label
 
 
+#: the narrowest CT clip window (HU): the soft-tissue window (width 400, level 40)
+SOFT_TISSUE_HU = (-160.0, 240.0)
+
+
+def ct_window(p00_5: float, p99_5: float) -> Tuple[float, float]:
+    """Clip window (lo, hi) in HU from the training foreground's 0.5 and 99.5 percentiles
+    (nnU-Net's rule), widened to at least :data:`SOFT_TISSUE_HU`. The widening is for a foreground that is
+    one bright or dark structure: a contrast-filled aorta alone gives -2..1621 HU, which maps fat,
+    water and muscle (and a non-contrast aorta, 40 HU) to one value, and with them the context
+    that tells the structure from its surroundings in a scan from another source or contrast
+    phase. A window that already spans soft tissue (organs, tumours) is unchanged."""
+    return float(min(p00_5, SOFT_TISSUE_HU[0])), float(max(p99_5, SOFT_TISSUE_HU[1]))
+
+
 def make_plan(manifest: Manifest, cases: Sequence[Case], cfg: Config, max_samples: int = 200_000, seed: int = 0) -> Plan:
     """Fingerprint the training cases: median spacing (canonical axis order) and, for CT
     channels, foreground intensity percentiles, mean and std."""
@@ -179,7 +194,7 @@ def make_plan(manifest: Manifest, cases: Sequence[Case], cfg: Config, max_sample
             vals = np.concatenate(fg[c]) if fg[c] else np.zeros(0, np.float32)
             if vals.size < 10:
                 raise ConfigError(f"CT normalisation of channel {c} ({modality}) needs labelled foreground voxels; found {vals.size}.")
-            lo, hi = np.percentile(vals, [0.5, 99.5])
+            lo, hi = ct_window(*np.percentile(vals, [0.5, 99.5]))
             clipped = np.clip(vals, lo, hi)
             norms.append(ChannelNorm("ct", float(lo), float(hi), float(clipped.mean()), float(max(clipped.std(), 1e-6))))
         else:

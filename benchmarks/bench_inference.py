@@ -15,8 +15,10 @@ Rows (``--rows``):
   Invertd (nearest).
 * ``volseg``: ``Predictor.predict`` with the run's ``infer`` settings (the defaults) +
   ``write_label_like``.
-* ``exact``: volseg with the recipe's roi/overlap/blending and no crop (``crop=none``,
-  ``window_scale=1``, ``overlap=0.5``); then one lever at a time on top of ``exact``: ``skip``
+* ``exact``: volseg with the recipe's roi/overlap/blending, no crop and the recipe's precision
+  (``crop=none``, ``window_scale=1``, ``overlap=0.5``; ``amp`` on CUDA only, as the recipe);
+  then one lever at a time on top of ``exact``: ``amp`` (``amp=true``: on the CPU, bfloat16
+  windows where it has native bf16; the same as ``exact`` on CUDA), ``skip``
   (``crop=windows``: skip windows that miss the body box; exact inside it), ``crop``
   (``crop=box``: tile the body box only), ``window`` (``window_scale=--window-scale``),
   ``overlap`` (0.25), ``batch1`` (window batch 1), ``threads1`` (one torch thread).
@@ -46,7 +48,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-EXACT = {"crop": "none", "window_scale": 1.0, "overlap": 0.5}
+EXACT = {"crop": "none", "window_scale": 1.0, "overlap": 0.5, "amp": "RECIPE"}  # amp: as the recipe (CUDA only)
 ROWS = {
     "monai": None,
     "monai_lowmem": None,
@@ -58,6 +60,7 @@ ROWS = {
     "overlap": {**EXACT, "overlap": 0.25},
     "batch1": {**EXACT, "batch_size": 1},
     "threads1": {**EXACT, "threads": 1},
+    "amp": {**EXACT, "amp": True},
 }
 
 
@@ -297,7 +300,8 @@ def run_rows(args, run: Path, image: Path, tmp: Path) -> Dict[str, dict]:
         for row in args.rows:  # alternate, so a burst of load from elsewhere hits every row
             out_dir = tmp / f"out_{row}"
             out_dir.mkdir(exist_ok=True)
-            overrides = {k: (args.window_scale if v == "WINDOW" else v) for k, v in (ROWS[row] or {}).items()}
+            given = {"WINDOW": args.window_scale, "RECIPE": args.device == "cuda"}
+            overrides = {k: given.get(v, v) if isinstance(v, str) else v for k, v in (ROWS[row] or {}).items()}
             job = {"image": str(image), "run": str(run), "device": args.device, "threads": args.threads, "batch": args.batch,
                    "out_dir": str(out_dir), "overrides": {"batch_size": args.batch, **overrides}}
             r = _spawn(row, job, tmp, args.timeout)

@@ -169,6 +169,7 @@ def _run_loop(job: dict) -> dict:
 
     from volseg.config import from_dict
     from volseg.data.preprocess import Plan
+    from volseg.inference.predictor import amp_dtype
     from volseg.nets import build_network
 
     clock = StepClock()
@@ -184,8 +185,8 @@ def _run_loop(job: dict) -> dict:
     loss_fn = _loss(plan, cfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=t.epochs * t.steps_per_epoch, power=t.poly_power)
-    amp = t.amp and dev.type == "cuda"
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp)
+    amp = amp_dtype(dev) if t.amp else None  # volseg's precision (bf16 on a CPU with native bf16), so the arithmetic is equal
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
     it = iter(loader)  # epoch 1's iterator is made before the first batch request, as in ignite
     for epoch in range(1, t.epochs + 1):
         for _ in range(t.steps_per_epoch):
@@ -198,7 +199,7 @@ def _run_loop(job: dict) -> dict:
             clock.batch_ready()
             x, y = data["image"].to(dev), data["label"].to(dev).float()
             opt.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, enabled=amp):  # volseg's train.amp, on CUDA only
+            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
                 out = model(x)
             loss = loss_fn([o.float() for o in out] if isinstance(out, (list, tuple)) else out.float(), y)
             scaler.scale(loss).backward()

@@ -37,7 +37,8 @@ def test_rolling_engine_equals_monai_whole_volume(dims, slice_axis, shape):
     k = 4
     patch = (16, 16, 8) if dims == 3 else (12, 10)
     plan = _plan(k, dims, patch, slice_axis)
-    pred = Predictor(_net(dims, k), plan, InferConfig(overlap=0.5, batch_size=3, crop="none"), "cpu")
+    # float32 windows: the 2D reference calls the network itself, outside the predictor's autocast
+    pred = Predictor(_net(dims, k), plan, InferConfig(overlap=0.5, batch_size=3, crop="none", amp=False), "cpu")
     x = torch.randn(1, *shape)
     ours = pred.probabilities(x.numpy()).astype(np.float32)
     with torch.no_grad():
@@ -63,6 +64,34 @@ def test_rolling_engine_equals_monai_at_other_overlaps(overlap):
     with torch.no_grad():
         ref = sliding_window_inference(x[None], (16, 16, 8), 3, pred._net, overlap, "gaussian")[0].numpy()
     assert np.abs(ours - ref).max() < 2e-3
+
+
+def test_amp_runs_the_windows_in_bfloat16_on_a_cpu_with_native_bf16(monkeypatch):
+    """``infer.amp`` (default on): the network's convolutions run in the dtype that
+    ``amp_dtype`` gives for the device, bfloat16 on a CPU with AMX/AVX512-BF16 and float32 on
+    one without; ``amp=false`` is float32 anywhere. Probabilities stay float32 and close."""
+    from volseg.inference import predictor
+
+    seen = []
+    net = _net(3, 4)
+    net[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    plan, x = _plan(4, 3, (16, 16, 8)), torch.randn(1, 20, 18, 12).numpy()
+
+    def run(amp: bool):
+        seen.clear()
+        p = Predictor(net, plan, InferConfig(crop="none", amp=amp), "cpu").probabilities(x)
+        return set(seen), p
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert predictor.amp_dtype(torch.device("cpu")) == torch.bfloat16
+    dtypes, p16 = run(True)
+    assert dtypes == {torch.bfloat16}
+    dtypes, p32 = run(False)
+    assert dtypes == {torch.float32}
+    assert 0 < np.abs(p16.astype(np.float32) - p32.astype(np.float32)).max() < 0.05
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):  # no native bf16: float32
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    assert predictor.amp_dtype(torch.device("cpu")) is None and run(True)[0] == {torch.float32}
 
 
 def test_each_window_is_computed_once():

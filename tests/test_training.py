@@ -415,6 +415,30 @@ def test_diverging_loss_ends_with_one_line_and_keeps_last_epoch(tiny_dataset, tm
     assert [r["epoch"] for r in _rows(run)] == ["1"]
 
 
+def test_training_steps_run_in_the_amp_dtype(tiny_dataset, tmp_path, monkeypatch):
+    """``train.amp`` on a CPU with native bf16: the training convolutions run in bfloat16 with
+    no loss scaling (bf16 has float32's range); ``train.amp=false``: float32."""
+    import torch
+
+    from volseg.training import engine
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    build, seen = engine.build_parts, {}
+
+    def watched(cfg, plan, device):
+        parts = build(cfg, plan, device)
+        conv = next(m for m in parts.model.modules() if isinstance(m, torch.nn.Conv3d))
+        conv.register_forward_hook(lambda m, i, o: seen.setdefault("train" if m.training else "eval", set()).add(o.dtype))
+        seen["scaler"] = parts.scaler.is_enabled()
+        return parts
+
+    monkeypatch.setattr(engine, "build_parts", watched)
+    for amp, dtype in (("true", torch.bfloat16), ("false", torch.float32)):
+        seen.clear()
+        assert main(["-q", "train", str(tiny_dataset), "--output", str(tmp_path / amp), "--device", "cpu"] + _sets(ONE_EPOCH + [f"train.amp={amp}"])) == 0
+        assert seen["train"] == {dtype} and seen["scaler"] is False
+
+
 def test_same_seed_gives_bit_identical_weights(tiny_dataset, tmp_path):
     import torch
 

@@ -219,7 +219,11 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation. One epoch is ``steps_per_epoch`` batches of ``batch_size`` patches."""
+    """Optimisation. One epoch is ``steps_per_epoch`` batches of ``batch_size`` patches.
+
+    ``amp``: mixed precision for the network: float16 autocast with loss scaling on CUDA,
+    bfloat16 autocast on CPUs with native bf16 (AMX or AVX512-BF16), float32 elsewhere
+    (:func:`volseg.inference.predictor.amp_dtype`)."""
 
     epochs: int = 50
     steps_per_epoch: int = 50
@@ -264,7 +268,9 @@ class InferConfig:
     Approximate speed levers, measured in benchmarks/README.md: ``crop: box``,
     ``window_scale`` (the inference window is the training patch times this: fewer windows,
     but instance normalisation sees more context) and a lower ``overlap``.
-    ``threads``: torch intra-op threads (0 = torch's default)."""
+    ``threads``: torch intra-op threads (0 = torch's default).
+    ``amp``: the windows under autocast, as ``train.amp`` (float16 on CUDA, bfloat16 on CPUs with
+    native bf16); probabilities are blended in float32 either way. ``false``: float32 throughout."""
 
     overlap: float = 0.5
     batch_size: int = 4
@@ -275,6 +281,7 @@ class InferConfig:
     crop_margin: float = 10.0
     window_scale: float = 1.0
     threads: int = 0
+    amp: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:

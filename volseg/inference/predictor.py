@@ -63,6 +63,25 @@ def resolve_device(device: str = "auto"):
     return torch.device(device)
 
 
+def amp_dtype(device):
+    """The autocast dtype of mixed precision on ``device``, or None for float32.
+
+    CUDA: float16 (as nnU-Net and MONAI's AMP recipes). CPU: bfloat16 where the processor has
+    native bf16 arithmetic (AMX or AVX512-BF16: oneDNN's bf16 convolutions are then about 2x as
+    fast as float32 for the U-Nets here, benchmarks/README.md), else None: emulated bf16 would
+    be slower than float32. Training and inference both take their precision from here."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu":
+        cpu = torch.cpu
+        native = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+        if any(f is not None and f() for f in native):  # private probes: absent (False) on some torch builds
+            return torch.bfloat16
+    return None
+
+
 def largest_component(index: np.ndarray, classes: Sequence[int]) -> np.ndarray:
     """Keep only the largest connected component (26-connectivity in 3D) of each class index in
     ``classes``; removed voxels become background. (MONAI's KeepLargestConnectedComponent needs
@@ -485,10 +504,11 @@ class Predictor:
         import torch
 
         flips = self._flips()
+        dtype = amp_dtype(self.device) if self.infer.amp else None
         acc = None
         for model in self.models:
             for axes in flips:
-                with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+                with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                     logits = self._forward(model, torch.flip(x, axes) if axes else x)
                 p = torch.sigmoid(logits.float()) if self.plan.binary else torch.softmax(logits.float(), 1)
                 p = torch.flip(p, axes) if axes else p

@@ -64,7 +64,7 @@ class Parts:
     scaler: Any
     loss: Any
     device: Any
-    amp: bool
+    amp: Any  # the autocast dtype (inference.predictor.amp_dtype), None: float32
     generator: Any
     ddp: Any = None  # the DistributedDataParallel wrapper that training steps go through; None in one process
 
@@ -277,7 +277,7 @@ def build_parts(cfg: Config, plan: Plan, device: str) -> Parts:
     from monai.losses import DeepSupervisionLoss, DiceCELoss
 
     from .. import distributed
-    from ..inference.predictor import resolve_device
+    from ..inference.predictor import amp_dtype, resolve_device
     from ..nets import build_network
 
     t, dev = cfg.train, resolve_device(device)
@@ -293,8 +293,10 @@ def build_parts(cfg: Config, plan: Plan, device: str) -> Parts:
                       weight=weight, lambda_dice=t.lambda_dice, lambda_ce=t.lambda_ce, batch=True)
     if cfg.model.deep_supervision:
         loss = DeepSupervisionLoss(loss, weight_mode="exp")
-    amp = t.amp and dev.type == "cuda"
-    return Parts(model, opt, poly_schedule(opt, t.epochs * t.steps_per_epoch, t.poly_power), torch.amp.GradScaler("cuda", enabled=amp),
+    amp = amp_dtype(dev) if t.amp else None
+    # loss scaling only for float16: bfloat16 has float32's exponent range
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    return Parts(model, opt, poly_schedule(opt, t.epochs * t.steps_per_epoch, t.poly_power), scaler,
                  loss, dev, amp, torch.Generator().manual_seed(t.seed + distributed.rank()))
 
 
@@ -309,7 +311,7 @@ def _step(p: Parts, grad_clip: float):
         x = batch["image"].to(p.device, non_blocking=True)
         y = batch["label"].to(p.device, non_blocking=True).float()
         p.opt.zero_grad(set_to_none=True)
-        with torch.autocast(p.device.type, enabled=p.amp):
+        with torch.autocast(p.device.type, dtype=p.amp, enabled=p.amp is not None):
             out = net(x)
         out = [o.float() for o in out] if isinstance(out, (list, tuple)) else out.float()
         loss = p.loss(out, y)

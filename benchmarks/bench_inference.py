@@ -24,8 +24,9 @@ Rows (``--rows``):
   ``overlap`` (0.25), ``batch1`` (window batch 1), ``threads1`` (one torch thread).
 
 Agreement: mean foreground Dice of each row's label map against the recipe's and against
-``exact``'s. With ``--train-steps N`` the network is first trained briefly on synthetic CT
-phantoms (volseg's trainer, configs/demo.yaml) and a held-out phantom is segmented, so the
+``exact``'s. With ``--train-steps N`` the network is first trained briefly on synthetic
+phantoms (``--modality`` ct or mr; volseg's trainer, the default config) and a held-out phantom
+is segmented, so the
 agreement rows mean something; otherwise the network (``--features``) is untrained (random
 weights, zero biases) and only the speed and memory rows mean something.
 ``--lower-bound`` prints :func:`volseg.inference.predictor.plan_memory` for the scan.
@@ -228,21 +229,22 @@ def make_untrained_run(folder: Path, features: Sequence[int], classes: int, roi:
     return folder
 
 
-def make_trained_run(tmp: Path, steps: int, device: str, batch: int, shape: Sequence[int]) -> tuple:
-    """Train configs/demo.yaml's network for ``steps`` steps on synthetic CT phantoms; return
-    the run folder and a held-out phantom of ``shape`` voxels written as NIfTI."""
+def make_trained_run(tmp: Path, steps: int, device: str, batch: int, shape: Sequence[int], modality: str = "ct") -> tuple:
+    """Train the default config's network (U-Net 16-128, patch 64^3, every key at its default
+    but the length) for ``steps`` steps on synthetic phantoms of ``modality``; return the run
+    folder and a held-out phantom of ``shape`` voxels written as NIfTI. The run keeps the
+    default ``infer`` settings, so the ``volseg`` row is volseg's defaults."""
     from volseg.config import load_config
     from volseg.data.io import write_image
     from volseg.data.synth import make_case, make_dataset
     from volseg.training import train
 
     epochs = max(1, steps // 20)
-    data = make_dataset(tmp / "phantoms", cases=6, test_cases=0, seed=1, shape=shape)
-    cfg = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml",
-                      [f"train.epochs={epochs}", f"train.steps_per_epoch={max(1, steps // epochs)}", "train.val_every=1000",
-                       "data.num_workers=0", f"infer.batch_size={batch}"])
+    data = make_dataset(tmp / "phantoms", cases=6, test_cases=0, seed=1, shape=shape, modality=modality)
+    cfg = load_config(None, [f"train.epochs={epochs}", f"train.steps_per_epoch={max(1, steps // epochs)}", "train.val_every=1000",
+                             f"infer.batch_size={batch}"])
     run = train(data, cfg, tmp / "run", device=device)
-    image, _ = make_case(99, "ct", shape, orientation="LPS", anisotropic=False)
+    image, _ = make_case(99, modality, shape, orientation="LPS", anisotropic=False)
     path = tmp / "phantom.nii.gz"
     write_image(image, path)
     return run, path
@@ -376,8 +378,9 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--classes", type=int, default=14, help="classes incl. background (untrained network; default 14)")
     p.add_argument("--features", type=int, nargs="+", default=[32, 64, 128, 256, 320], help="U-Net features (default: configs/gpu_fullres.yaml's)")
     p.add_argument("--roi", type=int, nargs=3, default=(128, 128, 64), help="training patch = the recipe's roi (default 128 128 64)")
-    p.add_argument("--train-steps", type=int, default=0, help="train demo.yaml's network this many steps on phantoms and segment a phantom")
+    p.add_argument("--train-steps", type=int, default=0, help="train the default config's network this many steps on phantoms and segment one")
     p.add_argument("--phantom-shape", type=int, nargs=3, default=(128, 128, 80), help="the held-out phantom's grid with --train-steps")
+    p.add_argument("--modality", choices=("ct", "mr"), default="ct", help="phantoms' modality with --train-steps (default ct)")
     p.add_argument("--window-scale", type=float, default=1.5, help="infer.window_scale of the 'window' row (default 1.5)")
     p.add_argument("--batch", type=int, default=4, help="windows per batch, both sides (default 4)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -405,8 +408,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tmp = Path(d)
         t0 = time.perf_counter()
         if args.train_steps:
-            run, image = make_trained_run(tmp, args.train_steps, args.device, args.batch, args.phantom_shape)
-            what = f"demo.yaml U-Net trained {args.train_steps} steps on CT phantoms; held-out phantom {list(args.phantom_shape)}"
+            run, image = make_trained_run(tmp, args.train_steps, args.device, args.batch, args.phantom_shape, args.modality)
+            what = (f"default-config U-Net trained {args.train_steps} steps on {args.modality.upper()} phantoms; "
+                    f"held-out phantom {list(args.phantom_shape)}")
         else:
             image = tmp / "ct.nii.gz"
             make_volume(image, args.shape, args.spacing)

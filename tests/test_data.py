@@ -239,3 +239,26 @@ def test_ct_window_keeps_soft_tissue_contrast_for_a_bright_foreground(tmp_path):
     from volseg.data.preprocess import ct_window
 
     assert ct_window(-300.0, 400.0) == (-300.0, 400.0) and ct_window(-2.0, 1621.0) == (-160.0, 1621.0)
+
+
+def test_cases_smaller_than_the_patch_are_padded_with_their_edge_voxels(tiny_dataset):
+    """Training pads as inference does (edge voxels repeated): zeros would be a tissue after
+    normalisation (CT: the foreground's mean), a slab no real scan has."""
+    from dataclasses import replace
+
+    import torch
+
+    from volseg.data.transforms import cached_transforms
+
+    m = load_manifest(tiny_dataset)
+    plan = replace(make_plan(m, m.training, load_config(None, ["data.patch_size=[24,24,16]"])), patch_size=(8, 8, 12))
+    image = torch.arange(2 * 8 * 8 * 4, dtype=torch.float32).reshape(2, 8, 8, 4) + 100
+    label = torch.zeros(1, 8, 8, 4, dtype=torch.uint8)
+    label[..., -1] = 1
+    out = cached_transforms(plan)({"image": image, "label": label})
+    img, lab = out["image"], out["label"]
+    assert img.shape == (2, 8, 8, 12) and lab.shape == (1, 8, 8, 12)
+    assert torch.equal(img[..., 4:8], image)  # centred: 4 slices each side
+    assert all(torch.equal(img[..., k], image[..., 0]) for k in range(4))
+    assert all(torch.equal(img[..., k], image[..., -1]) for k in range(8, 12))
+    assert lab[..., 8:].all() and not lab[..., :4].any()

@@ -47,7 +47,9 @@ def cached_transforms(plan: Plan):
     return Compose(
         [
             EnsureTyped(keys=["image", "label"], track_meta=False),
-            SpatialPadd(keys=["image", "label"], spatial_size=crop_size(plan), mode="constant"),
+            # a case smaller than the patch: edge voxels repeated, as inference pads
+            # (inference.predictor.rolling_windows); zeros would be a tissue after normalisation
+            SpatialPadd(keys=["image", "label"], spatial_size=crop_size(plan), mode="replicate"),
             ClassesToIndicesd(keys="label", num_classes=plan.num_classes, indices_postfix="_cls_indices"),
         ]
     )

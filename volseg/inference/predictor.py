@@ -102,8 +102,8 @@ def largest_component(index: np.ndarray, classes: Sequence[int]) -> np.ndarray:
 def window_size(plan: Plan, scale: float = 1.0, shape: Optional[Sequence[int]] = None) -> Tuple[int, int, int]:
     """The 3D inference window (voxels): the training patch times ``scale``, rounded to a
     multiple of 8 and, for ``scale > 1``, no larger than ``shape`` (the volume) where the patch
-    fits in it, because a window larger than the volume is zero-padded, and zero is not air
-    after normalisation. In 2D slice mode a 1 is inserted at ``plan.slice_axis``."""
+    fits in it, because a window larger than the volume is padded with repeated edge voxels,
+    which are no real context. In 2D slice mode a 1 is inserted at ``plan.slice_axis``."""
     axes = [a for a in range(3) if plan.spatial_dims == 3 or a != plan.slice_axis]
     roi = []
     for p, a in zip(plan.patch_size, axes):
@@ -161,8 +161,8 @@ def rolling_windows(x, net, roi: Sequence[int], overlap: float, blend: str, batc
     normalised probabilities on the ``xy = ((x0, x1), (y0, y1))`` range that together cover
     ``[z0, z1)`` in order (no parts: all background); they are overwritten once the generator
     resumes, so copy what must be kept. Equals ``sliding_window_inference(x[None], roi,
-    batch_size, net, overlap, blend)`` (window placement, zero padding of a volume smaller than
-    ``roi``, importance map, weighted mean) up to float rounding, but each window is computed
+    batch_size, net, overlap, blend, padding_mode="replicate")`` (window placement, padding of a
+    volume smaller than ``roi``, importance map, weighted mean) up to float rounding, but each window is computed
     once and the float32 buffer is ``(K, x, y, roi_z)`` plus its weight sum: MONAI's
     ``buffer_steps`` also computes each window once but still allocates the whole
     ``(K, X, Y, Z)`` float32 output, which is what breaks memory at 100+ classes.
@@ -179,7 +179,11 @@ def rolling_windows(x, net, roi: Sequence[int], overlap: float, blend: str, batc
     before = [max(r - n, 0) // 2 for r, n in zip(roi, size)]
     pad = [max(r - n, 0) for r, n in zip(roi, size)]
     if any(pad):
-        x = F.pad(x, [v for i in (2, 1, 0) for v in (before[i], pad[i] - before[i])])
+        # edge voxels repeated, not zeros (MONAI's default): after normalisation 0 is a tissue
+        # (CT: the foreground's mean HU), so a scan thinner than the window (a 20-slice series)
+        # would sit between two slabs of it that no training patch showed; training pads alike
+        # (data.transforms.cached_transforms)
+        x = F.pad(x, [v for i in (2, 1, 0) for v in (before[i], pad[i] - before[i])], mode="replicate")
     keep_p = None if keep is None else [(a + b, c + b) for (a, c), b in zip(keep, before)]
     starts = _kept_windows(x.shape[1:], roi, overlap, keep_p)
     Z, depth = x.shape[3], roi[2]
@@ -337,7 +341,7 @@ def plan_memory(scan_shape: Sequence[int], scan_spacing: Sequence[float], plan_s
 
 def _widen(shape: Sequence[int], box: Box, roi: Sequence[int]) -> Box:
     """``box`` widened (within the volume) to at least one window per axis: a window larger
-    than the volume it tiles is zero-padded, and zero is not air after normalisation."""
+    than the volume it tiles is padded with repeated edge voxels, which are no real context."""
     out = []
     for n, r, (a, b) in zip(shape, roi, box):
         a = max(0, a - (max(0, min(r, n) - (b - a)) + 1) // 2)

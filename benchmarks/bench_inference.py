@@ -229,10 +229,12 @@ def make_untrained_run(folder: Path, features: Sequence[int], classes: int, roi:
     return folder
 
 
-def make_trained_run(tmp: Path, steps: int, device: str, batch: int, shape: Sequence[int], modality: str = "ct") -> tuple:
+def make_trained_run(tmp: Path, steps: int, device: str, batch: int, shape: Sequence[int], modality: str = "ct",
+                     spacing: Optional[Sequence[float]] = None) -> tuple:
     """Train the default config's network (U-Net 16-128, patch 64^3, every key at its default
     but the length) for ``steps`` steps on synthetic phantoms of ``modality``; return the run
-    folder and a held-out phantom of ``shape`` voxels written as NIfTI. The run keeps the
+    folder and a held-out phantom of ``shape`` voxels (at ``spacing`` mm; None: synth's draw,
+    about 1.5 mm) written as NIfTI. The training phantoms share shape and spacing. The run keeps the
     default ``infer`` settings, so the ``volseg`` row is volseg's defaults."""
     from volseg.config import load_config
     from volseg.data.io import write_image
@@ -240,11 +242,11 @@ def make_trained_run(tmp: Path, steps: int, device: str, batch: int, shape: Sequ
     from volseg.training import train
 
     epochs = max(1, steps // 20)
-    data = make_dataset(tmp / "phantoms", cases=6, test_cases=0, seed=1, shape=shape, modality=modality)
+    data = make_dataset(tmp / "phantoms", cases=6, test_cases=0, seed=1, shape=shape, modality=modality, spacing=spacing)
     cfg = load_config(None, [f"train.epochs={epochs}", f"train.steps_per_epoch={max(1, steps // epochs)}", "train.val_every=1000",
                              f"infer.batch_size={batch}"])
     run = train(data, cfg, tmp / "run", device=device)
-    image, _ = make_case(99, modality, shape, orientation="LPS", anisotropic=False)
+    image, _ = make_case(99, modality, shape, spacing, orientation="LPS", anisotropic=False)
     path = tmp / "phantom.nii.gz"
     write_image(image, path)
     return run, path
@@ -381,6 +383,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=0, help="train the default config's network this many steps on phantoms and segment one")
     p.add_argument("--phantom-shape", type=int, nargs=3, default=(128, 128, 80), help="the held-out phantom's grid with --train-steps")
     p.add_argument("--modality", choices=("ct", "mr"), default="ct", help="phantoms' modality with --train-steps (default ct)")
+    p.add_argument("--phantom-spacing", type=float, nargs=3, default=None, help="phantoms' spacing, mm, with --train-steps (default: drawn, ~1.5)")
     p.add_argument("--window-scale", type=float, default=1.5, help="infer.window_scale of the 'window' row (default 1.5)")
     p.add_argument("--batch", type=int, default=4, help="windows per batch, both sides (default 4)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -408,7 +411,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tmp = Path(d)
         t0 = time.perf_counter()
         if args.train_steps:
-            run, image = make_trained_run(tmp, args.train_steps, args.device, args.batch, args.phantom_shape, args.modality)
+            run, image = make_trained_run(tmp, args.train_steps, args.device, args.batch, args.phantom_shape, args.modality, args.phantom_spacing)
             what = (f"default-config U-Net trained {args.train_steps} steps on {args.modality.upper()} phantoms; "
                     f"held-out phantom {list(args.phantom_shape)}")
         else:

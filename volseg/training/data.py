@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 __all__ = ["PreprocessCased", "build_datasets", "cache_folder", "estimate_cache_bytes", "available_ram_bytes", "CACHE_VERSION"]
 
 # bump when preprocessing or the cached transforms change what they produce for the same plan
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: cases smaller than the patch are edge-padded (were zero-padded)
 # a memory cache may take at most this share of the RAM available when training starts
 MEMORY_FRACTION = 0.6
 # bytes cached per voxel besides the image channels: label (uint8) + class indices (int64)

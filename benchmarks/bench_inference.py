@@ -16,7 +16,8 @@ Rows (``--rows``):
 * ``volseg``: ``Predictor.predict`` with the run's ``infer`` settings (the defaults) +
   ``write_label_like``.
 * ``exact``: volseg with the recipe's roi/overlap/blending, no crop and the recipe's precision
-  (``crop=none``, ``window_scale=1``, ``overlap=0.5``; ``amp`` on CUDA only, as the recipe);
+  (``crop=none``, ``window_scale=1``, ``overlap=0.5``, no learned largest-component step;
+  ``amp`` on CUDA only, as the recipe);
   then one lever at a time on top of ``exact``: ``amp`` (``amp=true``: on the CPU, bfloat16
   windows where it has native bf16; the same as ``exact`` on CUDA), ``skip``
   (``crop=windows``: skip windows that miss the body box; exact inside it), ``crop``
@@ -49,7 +50,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-EXACT = {"crop": "none", "window_scale": 1.0, "overlap": 0.5, "amp": "RECIPE"}  # amp: as the recipe (CUDA only)
+# as the recipe: no crop, the training patch, overlap 0.5, AMP on CUDA only, and no learned
+# largest-component postprocessing (an empty explicit choice wins over the run's postprocessing.json)
+EXACT = {"crop": "none", "window_scale": 1.0, "overlap": 0.5, "amp": "RECIPE", "largest_component": []}
 ROWS = {
     "monai": None,
     "monai_lowmem": None,

@@ -1,0 +1,102 @@
+"""The network stage alone: one U-Net forward pass over a batch of windows, per precision and
+memory-format lever, against float32 (the baseline, measured in the same run).
+
+Rows: ``fp32`` (contiguous float32, what MONAI's recipe runs on a CPU), ``bf16`` (bfloat16
+autocast: volseg's ``infer.amp`` on a CPU with native bf16), ``fp32_cl`` / ``bf16_cl`` (the same
+in ``channels_last_3d``), ``compile`` (``torch.compile`` of the float32 network; its compile time
+is reported apart and not in the median). The rows alternate ``--repeat`` times after one warm-up
+call each; the median is reported with the ratio fp32 / row and the agreement of the argmax with
+fp32's. The network is untrained (random weights, zero biases): times are what this measures;
+the agreement of a trained network is in ``bench_inference.py``'s ``amp`` row. Not measured:
+stitching, preprocessing, restore (``bench_inference.py``), GPUs.
+
+    python benchmarks/bench_network.py                       # 32..320 U-Net, 2 windows of 128 x 128 x 64
+    python benchmarks/bench_network.py --rows fp32 bf16 compile --features 16 32 64 128 --roi 64 64 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Optional, Sequence
+
+ROWS = ("fp32", "bf16", "fp32_cl", "bf16_cl", "compile")
+
+
+def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=["fp32", "bf16", "fp32_cl", "bf16_cl"])
+    p.add_argument("--features", type=int, nargs="+", default=[32, 64, 128, 256, 320], help="U-Net features (default: gpu_fullres's)")
+    p.add_argument("--roi", type=int, nargs=3, default=(128, 128, 64), help="window, voxels (default 128 128 64)")
+    p.add_argument("--batch", type=int, default=2, help="windows per call (default 2)")
+    p.add_argument("--classes", type=int, default=14, help="output classes (default 14)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--repeat", type=int, default=3, help="alternated timed calls per row (default 3)")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import torch
+
+    from volseg.config import ModelConfig
+    from volseg.inference.predictor import amp_dtype
+    from volseg.nets import build_network
+
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bf16 = amp_dtype(torch.device("cpu")) == torch.bfloat16
+    if not bf16 and any(r.startswith("bf16") for r in args.rows):
+        print("this CPU has no native bf16 (amp_dtype gives float32): the bf16 rows emulate it", flush=True)
+    torch.manual_seed(0)
+    net = build_network(ModelConfig(features=tuple(args.features), norm="instance"), 1, args.classes).eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+    x = torch.randn(args.batch, 1, *args.roi)
+    nets, inputs, compile_s = {}, {}, None
+    for row in args.rows:
+        cl = row.endswith("_cl")
+        if row == "compile":
+            t = time.perf_counter()
+            nets[row] = torch.compile(net)
+            with torch.inference_mode():
+                nets[row](x)
+            compile_s = time.perf_counter() - t
+        else:
+            nets[row] = build_network(ModelConfig(features=tuple(args.features), norm="instance"), 1, args.classes).eval()
+            nets[row].load_state_dict(net.state_dict())
+            if cl:
+                nets[row] = nets[row].to(memory_format=torch.channels_last_3d)
+        inputs[row] = x.to(memory_format=torch.channels_last_3d) if cl else x
+
+    def call(row: str):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=row.startswith("bf16")):
+            return nets[row](inputs[row]).float().argmax(1)
+
+    times = {r: [] for r in args.rows}
+    labels = {r: call(r) for r in args.rows}  # warm-up (and the compile row's first real call)
+    for _ in range(args.repeat):
+        for row in args.rows:
+            t = time.perf_counter()
+            call(row)
+            times[row].append(time.perf_counter() - t)
+    base = statistics.median(times["fp32"]) if "fp32" in times else None
+    print(f"U-Net {args.features}, {args.batch} x {list(args.roi)} windows, {args.classes} classes, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, native bf16: {bf16}")
+    print("| row | median s | fp32/row | argmax = fp32's | all runs (s) |\n|---|---:|---:|---:|---|")
+    for row in args.rows:
+        med = statistics.median(times[row])
+        ratio = f"{base / med:.2f}x" if base else "-"
+        agree = f"{(labels[row] == labels['fp32']).float().mean().item():.4f}" if "fp32" in labels else "-"
+        print(f"| {row} | {med:.2f} | {ratio} | {agree} | {', '.join(f'{t:.2f}' for t in times[row])} |")
+    if compile_s is not None:
+        print(f"torch.compile: first call (compile + run) {compile_s:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

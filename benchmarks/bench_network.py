@@ -3,15 +3,13 @@ memory-format lever, against float32 (the baseline, measured in the same run).
 
 Rows: ``fp32`` (contiguous float32, what MONAI's recipe runs on a CPU), ``bf16`` (bfloat16
 autocast: volseg's ``infer.amp`` on a CPU with native bf16), ``fp32_cl`` / ``bf16_cl`` (the same
-in ``channels_last_3d``), ``compile`` (``torch.compile`` of the float32 network; its compile time
-is reported apart and not in the median). The rows alternate ``--repeat`` times after one warm-up
-call each; the median is reported with the ratio fp32 / row and the agreement of the argmax with
+in ``channels_last_3d``). The rows alternate ``--repeat`` times after one warm-up call each; the median is reported with the ratio fp32 / row and the agreement of the argmax with
 fp32's. The network is untrained (random weights, zero biases): times are what this measures;
 the agreement of a trained network is in ``bench_inference.py``'s ``amp`` row. Not measured:
-stitching, preprocessing, restore (``bench_inference.py``), GPUs.
+stitching, preprocessing, restore (``bench_inference.py``), ``torch.compile``, GPUs.
 
     python benchmarks/bench_network.py                       # 32..320 U-Net, 2 windows of 128 x 128 x 64
-    python benchmarks/bench_network.py --rows fp32 bf16 compile --features 16 32 64 128 --roi 64 64 64
+    python benchmarks/bench_network.py --rows fp32 bf16 --features 16 32 64 128 --roi 64 64 64
 """
 
 from __future__ import annotations
@@ -22,12 +20,12 @@ import sys
 import time
 from typing import Optional, Sequence
 
-ROWS = ("fp32", "bf16", "fp32_cl", "bf16_cl", "compile")
+ROWS = ("fp32", "bf16", "fp32_cl", "bf16_cl")
 
 
 def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", nargs="+", choices=ROWS, default=["fp32", "bf16", "fp32_cl", "bf16_cl"])
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     p.add_argument("--features", type=int, nargs="+", default=[32, 64, 128, 256, 320], help="U-Net features (default: gpu_fullres's)")
     p.add_argument("--roi", type=int, nargs=3, default=(128, 128, 64), help="window, voxels (default 128 128 64)")
     p.add_argument("--batch", type=int, default=2, help="windows per call (default 2)")
@@ -38,6 +36,8 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import copy
+
     import torch
 
     from volseg.config import ModelConfig
@@ -57,28 +57,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if name.endswith("bias"):
                 p.zero_()
     x = torch.randn(args.batch, 1, *args.roi)
-    nets, inputs, compile_s = {}, {}, None
-    for row in args.rows:
-        cl = row.endswith("_cl")
-        if row == "compile":
-            t = time.perf_counter()
-            nets[row] = torch.compile(net)
-            with torch.inference_mode():
-                nets[row](x)
-            compile_s = time.perf_counter() - t
-        else:
-            nets[row] = build_network(ModelConfig(features=tuple(args.features), norm="instance"), 1, args.classes).eval()
-            nets[row].load_state_dict(net.state_dict())
-            if cl:
-                nets[row] = nets[row].to(memory_format=torch.channels_last_3d)
-        inputs[row] = x.to(memory_format=torch.channels_last_3d) if cl else x
+    layout = {r: torch.channels_last_3d if r.endswith("_cl") else torch.contiguous_format for r in args.rows}
+    nets = {r: copy.deepcopy(net).to(memory_format=layout[r]) for r in args.rows}
+    inputs = {r: x.contiguous(memory_format=layout[r]) for r in args.rows}
 
     def call(row: str):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=row.startswith("bf16")):
             return nets[row](inputs[row]).float().argmax(1)
 
     times = {r: [] for r in args.rows}
-    labels = {r: call(r) for r in args.rows}  # warm-up (and the compile row's first real call)
+    labels = {r: call(r) for r in args.rows}  # warm-up
     for _ in range(args.repeat):
         for row in args.rows:
             t = time.perf_counter()
@@ -93,8 +81,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ratio = f"{base / med:.2f}x" if base else "-"
         agree = f"{(labels[row] == labels['fp32']).float().mean().item():.4f}" if "fp32" in labels else "-"
         print(f"| {row} | {med:.2f} | {ratio} | {agree} | {', '.join(f'{t:.2f}' for t in times[row])} |")
-    if compile_s is not None:
-        print(f"torch.compile: first call (compile + run) {compile_s:.0f} s")
     return 0
 
 

@@ -262,3 +262,42 @@ def test_cases_smaller_than_the_patch_are_padded_with_their_edge_voxels(tiny_dat
     assert all(torch.equal(img[..., k], image[..., 0]) for k in range(4))
     assert all(torch.equal(img[..., k], image[..., -1]) for k in range(8, 12))
     assert lab[..., 8:].all() and not lab[..., :4].any()
+
+
+def test_ct_stored_without_its_rescale_intercept_is_read_as_hu(tiny_dataset, caplog):
+    """A CT stored as HU + 1024 (no value below 0) is shifted back, with a warning naming what was
+    done: training statistics, preprocessing (SimpleITK and torch paths) and the body crop all
+    see the same HU as for the scan in HU. An 8-bit export (0..255) is refused: no offset makes
+    it HU, and a network trained on HU would give a plausible-looking mask on it."""
+    import logging
+    import shutil
+
+    from volseg.data.io import ImageReadError
+    from volseg.data.preprocess import BODY_HU, foreground_box, preprocess_torch
+
+    m = load_manifest(tiny_dataset)
+    cfg = load_config(None, ["data.patch_size=[24,24,16]"])
+    plan = make_plan(m, m.training, cfg)
+    hu = read_image(m.training[0].images[0])
+    assert sitk.GetArrayViewFromImage(hu).min() < BODY_HU  # the phantom has air
+    stored = sitk.Cast(hu + 1024, sitk.sitkUInt16)
+    want = preprocess([hu], plan)["image"]
+    with caplog.at_level(logging.WARNING, logger="volseg"):
+        got = preprocess([stored], plan, source="offset.nii.gz")["image"]
+    assert np.allclose(got, want, atol=1e-5)
+    assert any("offset.nii.gz" in r.getMessage() and "1024 is subtracted" in r.getMessage() for r in caplog.records)
+    assert np.allclose(preprocess_torch([stored], plan).numpy(), preprocess_torch([hu], plan).numpy(), atol=1e-5)
+    assert foreground_box([stored], plan, 0.0) == foreground_box([hu], plan, 0.0) != ((0, want.shape[1]), (0, want.shape[2]), (0, want.shape[3]))
+
+    # a manifest of such scans plans the same HU window as one in HU
+    root = tiny_dataset.parent / "offset_copy"
+    shutil.copytree(tiny_dataset.parent, root, dirs_exist_ok=True)
+    m2 = load_manifest(root / tiny_dataset.name)
+    for case in m2.training:
+        write_image(sitk.Cast(read_image(case.images[0]) + 1024, sitk.sitkUInt16), case.images[0])
+    n, n2 = plan.norms[0], make_plan(m2, m2.training, cfg).norms[0]
+    assert np.allclose([n.lo, n.hi, n.mean, n.std], [n2.lo, n2.hi, n2.mean, n2.std], atol=1e-3)
+
+    eight_bit = sitk.Cast(sitk.IntensityWindowing(hu, -160, 240, 0, 255), sitk.sitkUInt8)
+    with pytest.raises(ImageReadError, match=r"8bit.nii.gz: channel 'CT' holds 0\.\.255.*8-bit export"):
+        preprocess([eight_bit], plan, source="8bit.nii.gz")

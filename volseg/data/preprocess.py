@@ -6,7 +6,8 @@ Steps, identical at training and inference:
 2. resample to ``plan.spacing`` (mm) on a grid covering the same physical extent (images:
    linear, after a Gaussian anti-alias when an axis is downsampled by more than 1.5x; labels:
    nearest),
-3. normalise each channel: CT channels are clipped to the 0.5-99.5 percentiles of the training
+3. normalise each channel: CT channels (after :func:`hu_offset`: a scan stored as HU + 1024 is
+   shifted back, an 8-bit export refused) are clipped to the 0.5-99.5 percentiles of the training
    foreground HU, widened to at least the soft-tissue window -160..240 HU (:func:`ct_window`),
    and z-scored with the foreground mean/std (MONAI ``ScaleIntensityRange`` does
    both in one affine map); other modalities get a per-image z-score over nonzero voxels (MONAI
@@ -33,7 +34,7 @@ from .manifest import Case, Manifest, is_ct_modality
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Plan", "SOFT_TISSUE_HU", "ct_window", "make_plan", "load_case", "preprocess", "preprocess_case", "restore_labels", "to_canonical", "resample"]
+__all__ = ["Plan", "SOFT_TISSUE_HU", "ct_window", "hu_offset", "make_plan", "load_case", "preprocess", "preprocess_case", "restore_labels", "to_canonical", "resample"]
 
 
 @dataclass(frozen=True)
@@ -163,15 +164,49 @@ def ct_window(p00_5: float, p99_5: float) -> Tuple[float, float]:
     return float(min(p00_5, SOFT_TISSUE_HU[0])), float(max(p99_5, SOFT_TISSUE_HU[1]))
 
 
+#: what a CT stored without its rescale intercept holds: HU + 1024 (unsigned 0..4095 storage)
+HU_STORAGE_OFFSET = 1024.0
+
+
+def hu_offset(img: sitk.Image, scheme: str, modality: str, source: str = "input", warn: bool = True) -> float:
+    """What to add to a channel of CT normalisation (``scheme`` "ct") to have Hounsfield units: 0 for a scan in HU; -1024 for one
+    stored as HU + 1024 (unsigned storage whose rescale intercept was lost on conversion), which is
+    logged as a warning. A body CT always holds fat, lung, gas or air, all below 0 HU, so a scan
+    without a negative voxel is not in HU: up to 255 everywhere it is an 8-bit export (display
+    window, not HU) and is refused, as no offset makes it HU again; otherwise it is taken as
+    HU + 1024 (air then sits at 0). Without this, a scan in other units gets a plausible-looking
+    mask from a network trained on HU. Other schemes: 0."""
+    if scheme != "ct":
+        return 0.0
+    f = sitk.MinimumMaximumImageFilter()
+    f.Execute(img)
+    lo, hi = f.GetMinimum(), f.GetMaximum()
+    if lo < 0:
+        return 0.0
+    if hi <= 255:
+        raise ImageReadError(
+            f"{source}: channel {modality!r} holds {lo:g}..{hi:g}, no value below 0 and none above 255: an 8-bit export "
+            "(display window), not Hounsfield units, which a CT model needs (air -1000, fat -100, water 0 HU). "
+            "Export the scan in HU (DICOM values with their rescale slope/intercept applied)."
+        )
+    if warn:
+        log.warning("%s: channel %r holds %g..%g with no value below 0; a CT in Hounsfield units always has some (air, lung, "
+                    "fat), so it is read as HU + %g (stored without its rescale intercept) and %g is subtracted. If this scan "
+                    "really is in HU, check its header.", source, modality, lo, hi, HU_STORAGE_OFFSET, HU_STORAGE_OFFSET)
+    return -HU_STORAGE_OFFSET
+
+
 def make_plan(manifest: Manifest, cases: Sequence[Case], cfg: Config, max_samples: int = 200_000, seed: int = 0) -> Plan:
     """Fingerprint the training cases: median spacing (canonical axis order) and, for CT
     channels, foreground intensity percentiles, mean and std."""
     rng = np.random.default_rng(seed)
+    schemes = [_scheme(cfg.data.normalization, m) for m in manifest.modalities]
     spacings, shapes = [], []
     fg: List[List[np.ndarray]] = [[] for _ in manifest.modalities]
     labelled = 0  # cases with any foreground voxel
     for case in cases:
         images, label = load_case(case)
+        offsets = [hu_offset(img, sch, m, case.name) for img, sch, m in zip(images, schemes, manifest.modalities)]
         canon = to_canonical(images[0], cfg.data.orientation)
         spacings.append(canon.GetSpacing())
         shapes.append(np.array(canon.GetSize()) * np.array(canon.GetSpacing()))  # extent, mm
@@ -179,17 +214,14 @@ def make_plan(manifest: Manifest, cases: Sequence[Case], cfg: Config, max_sample
             mask = sitk.GetArrayViewFromImage(label) > 0
             labelled += bool(mask.any())
             for c, img in enumerate(images):
-                vals = sitk.GetArrayViewFromImage(img)[mask]
+                vals = sitk.GetArrayViewFromImage(img)[mask] + offsets[c]
                 if vals.size > max_samples // max(1, len(cases)):
                     vals = rng.choice(vals, max_samples // max(1, len(cases)), replace=False)
                 fg[c].append(vals.astype(np.float32))
     spacing = tuple(float(s) for s in (cfg.data.spacing or np.median(np.array(spacings), axis=0)))
     patch = _fit_patch(cfg, np.median(np.array(shapes), axis=0) / np.array(spacing))
     norms = []
-    for c, modality in enumerate(manifest.modalities):
-        scheme = cfg.data.normalization
-        if scheme == "auto":
-            scheme = "ct" if is_ct_modality(modality) else "zscore"
+    for c, (modality, scheme) in enumerate(zip(manifest.modalities, schemes)):
         if scheme == "ct":
             vals = np.concatenate(fg[c]) if fg[c] else np.zeros(0, np.float32)
             if vals.size < 10:
@@ -214,6 +246,13 @@ def make_plan(manifest: Manifest, cases: Sequence[Case], cfg: Config, max_sample
         patch_size=patch,
         slice_axis=cfg.data.slice_axis,
     )
+
+
+def _scheme(normalization: str, modality: str) -> str:
+    """``data.normalization`` of a channel: "auto" is "ct" for CT modality names, else "zscore"."""
+    if normalization == "auto":
+        return "ct" if is_ct_modality(modality) else "zscore"
+    return normalization
 
 
 def _fit_patch(cfg: Config, median_shape: np.ndarray) -> Tuple[int, ...]:
@@ -289,8 +328,12 @@ def preprocess(images: Sequence[sitk.Image], plan: Plan, label: Optional[sitk.Im
     in-plane axes in 2D mode) or more than :data:`MAX_VOXELS` after."""
     _check_input(images, plan, source or "input")
     chans = []
-    for img, norm in zip(images, plan.norms):
-        img = resample(to_canonical(sitk.Cast(img, sitk.sitkFloat32), plan.orientation), plan.spacing)
+    for img, norm, modality in zip(images, plan.norms, plan.channels):
+        img = sitk.Cast(img, sitk.sitkFloat32)
+        offset = hu_offset(img, norm.scheme, modality, source or "input")
+        if offset:
+            img = img + offset
+        img = resample(to_canonical(img, plan.orientation), plan.spacing)
         chans.append(_normalise(_array(img), norm))
     out = {"image": np.stack(chans)}
     if label is not None:
@@ -319,9 +362,9 @@ def preprocess_torch(images: Sequence[sitk.Image], plan: Plan, device="cpu", sou
     sigma = _antialias_sigma(canon.spacing, spacing) if tuple(size) != canon.size or spacing != canon.spacing else np.zeros(3)
     sigma = np.where(np.array(canon.size) >= 4, sigma, 0.0)  # as resample(): ITK smooths only axes of >= 4 voxels
     chans = []
-    for img, norm in zip(images, plan.norms):
+    for img, norm, modality in zip(images, plan.norms, plan.channels):
         arr = np.ascontiguousarray(canonical_view(sitk.GetArrayViewFromImage(img), perm, sign))
-        x = torch.from_numpy(arr).to(device).float()
+        x = torch.from_numpy(arr).to(device).float() + hu_offset(img, norm.scheme, modality, source or "input")
         if sigma.any():
             x = _gaussian(x, [s / sp for s, sp in zip(sigma, canon.spacing)])
         x = resample_linear(x, coords)
@@ -564,9 +607,9 @@ def foreground_box(images: Sequence[sitk.Image], plan: Plan, margin_mm: float) -
     no voxel qualifies (then nothing may be cropped)."""
     lo = np.full(3, np.inf)
     hi = np.full(3, -np.inf)
-    for img, norm in zip(images, plan.norms):
+    for img, norm, modality in zip(images, plan.norms, plan.channels):
         arr = sitk.GetArrayViewFromImage(img)  # [z, y, x]
-        mask = arr > BODY_HU if norm.scheme == "ct" else arr != 0
+        mask = arr > BODY_HU - hu_offset(img, norm.scheme, modality, warn=False) if norm.scheme == "ct" else arr != 0
         for axis in range(3):  # index axis (x, y, z) = array axis 2 - axis
             hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != 2 - axis)))
             if hit.size:

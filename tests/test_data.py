@@ -301,3 +301,37 @@ def test_ct_stored_without_its_rescale_intercept_is_read_as_hu(tiny_dataset, cap
     eight_bit = sitk.Cast(sitk.IntensityWindowing(hu, -160, 240, 0, 255), sitk.sitkUInt8)
     with pytest.raises(ImageReadError, match=r"8bit.nii.gz: channel 'CT' holds 0\.\.255.*8-bit export"):
         preprocess([eight_bit], plan, source="8bit.nii.gz")
+
+
+@pytest.mark.parametrize("names, orientation, dims, flipped", [
+    (("bg", "liver", "kidney"), "PIR", 3, (0, 1, 2)),  # nothing lateral: every axis
+    (("bg", "kidney_left", "kidney_right"), "PIR", 3, (0, 1)),  # the left-right axis is the third in PIR
+    (("bg", "Left lung", "lung_r"), "RAS", 3, (1, 2)),
+    (("bg", "vertebrae_L1", "vertebrae_L2"), "RAS", 3, (0, 1, 2)),  # L1 is a level, not a side
+    (("bg", "kidney_l", "kidney_r"), "RAS", 2, (1,)),  # slice mode along z: in-plane A-P only
+])
+def test_no_left_right_mirroring_for_lateral_labels(names, orientation, dims, flipped):
+    """Training flips and mirroring TTA skip the left-right axis when a label is lateral: a flipped
+    left kidney would still be labelled left, teaching the network to confuse the sides."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from volseg.data.transforms import cached_transforms, mirror_axes, random_transforms
+    from volseg.inference.predictor import Predictor
+
+    patch = (8, 8, 8) if dims == 3 else (8, 8)
+    plan = Plan(spacing=(1, 1, 1), orientation=orientation, channels=("MR",), norms=(), label_values=(0, 1, 2), label_names=names,
+                spatial_dims=dims, patch_size=patch, slice_axis=2)
+    assert mirror_axes(plan) == list(flipped)
+    probs = [f"augment.{k}=0" for k in ("elastic_prob", "rotate_prob", "scale_prob", "intensity_scale_prob", "intensity_shift_prob",
+                                         "noise_prob", "contrast_prob", "blur_prob", "bias_field_prob", "lowres_prob")]
+    cfg = load_config(None, [f"model.spatial_dims={dims}", f"data.patch_size={list(patch)}", "augment.flip_prob=1"] + probs)
+    image = torch.arange(8 * 8 * (8 if dims == 3 else 1), dtype=torch.float32).reshape(1, 8, 8, -1)
+    label = torch.ones(1, *image.shape[1:], dtype=torch.uint8)
+    out = random_transforms(plan, cfg, 1)(cached_transforms(plan)({"image": image, "label": label}))[0]["image"]
+    want = image if dims == 3 else image[..., 0]
+    want = torch.flip(want, [1 + (a if dims == 3 else [0, 1].index(a)) for a in flipped])
+    assert torch.equal(torch.as_tensor(out), want)
+    tta = Predictor._flips(SimpleNamespace(infer=SimpleNamespace(tta=True), plan=plan))
+    assert sorted({d for f in tta for d in f}) == [2 + a for a in flipped] and len(tta) == 2 ** len(flipped)

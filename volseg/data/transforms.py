@@ -10,13 +10,38 @@ augmentations.
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Optional, Sequence
+import re
+from typing import List, Optional, Sequence
 
 from ..config import AugmentConfig, Config
 from .preprocess import Plan
 
-__all__ = ["cached_transforms", "random_transforms", "class_ratios", "crop_size", "elastic_2d_params"]
+__all__ = ["cached_transforms", "random_transforms", "class_ratios", "crop_size", "elastic_2d_params", "mirror_axes"]
+
+log = logging.getLogger(__name__)
+
+#: a label name that says left or right as a word: "kidney_left", "Right lung", "lung_r", "L kidney"
+#: (not "vertebrae_L1")
+_LATERAL = re.compile(r"(?:^|[^a-z0-9])(?:left|right|lt|rt|l|r)(?:[^a-z0-9]|$)", re.IGNORECASE)
+
+
+def mirror_axes(plan: Plan) -> List[int]:
+    """Canonical axes (0..2, ``plan.orientation`` order) along which mirroring is safe, for
+    training flips and mirroring TTA: every spatial axis, except the left-right one when a label
+    name is lateral ("kidney_left", "lung_r"). A left-right flip turns a left kidney into a
+    right one without changing its label, which teaches the network to confuse them (nnU-Net
+    mirrors every axis; TotalSegmentator turns mirroring off for this reason). Up-down and
+    front-back flips stay: they do not swap lateral labels."""
+    axes = [a for a in range(3) if not (plan.spatial_dims == 2 and a == plan.slice_axis)]
+    lateral = [n for n in plan.label_names if _LATERAL.search(n)]
+    if lateral:
+        lr = next(i for i, c in enumerate(plan.orientation.upper()) if c in "LR")
+        if lr in axes:
+            axes.remove(lr)
+            log.info("labels %s are lateral: no mirroring along the left-right axis (axis %d of %s)", lateral, lr, plan.orientation)
+    return axes
 
 
 def class_ratios(plan: Plan, ratios: Optional[Sequence[float]]) -> list:
@@ -78,7 +103,9 @@ def random_transforms(plan: Plan, cfg: Config, num_samples: int):
         chain.append(T.SqueezeDimd(keys=keys, dim=plan.slice_axis + 1, update_meta=False))
     chain += _geometric(a, dims)
     if a.flip_prob > 0:
-        chain.extend(T.RandFlipd(keys=keys, prob=a.flip_prob, spatial_axis=i) for i in range(dims))
+        # patch axes: the canonical ones (in 2D without the slice axis), in order
+        patch_axes = [ax for ax in range(3) if not (dims == 2 and ax == plan.slice_axis)]
+        chain.extend(T.RandFlipd(keys=keys, prob=a.flip_prob, spatial_axis=patch_axes.index(ax)) for ax in mirror_axes(plan))
     chain += [
         T.RandScaleIntensityd(keys="image", factors=0.25, prob=a.intensity_scale_prob),
         T.RandShiftIntensityd(keys="image", offsets=0.25, prob=a.intensity_shift_prob),

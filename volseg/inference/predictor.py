@@ -521,14 +521,15 @@ class Predictor:
         return acc / n if n > 1 else acc
 
     def _flips(self) -> List[tuple]:
-        """Mirroring TTA axes (tensor dims of a (B, C, *spatial) batch)."""
+        """Mirroring TTA axes (tensor dims of a (B, C, *spatial) batch): those training mirrored
+        (:func:`~volseg.data.transforms.mirror_axes`: not left-right for lateral labels)."""
         import itertools
+
+        from ..data.transforms import mirror_axes
 
         if not self.infer.tta:
             return [()]
-        axes = [2, 3, 4]
-        if self.plan.spatial_dims == 2:
-            axes.remove(2 + self.plan.slice_axis)
+        axes = [2 + a for a in mirror_axes(self.plan)]
         return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
     # -- stitching ----------------------------------------------------------------------------

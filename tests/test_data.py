@@ -82,6 +82,22 @@ def test_split_deterministic_and_explicit(tiny_dataset):
     assert not {c.name for c in a[0]} & {c.name for c in a[1]}
 
 
+@pytest.mark.parametrize("n, fraction, held", [(2, 0.2, 0), (3, 0.5, 0), (4, 0.2, 1), (5, 0.5, 2), (10, 0.2, 2), (10, 0.0, 0)])
+def test_a_fraction_split_keeps_three_cases_training(n, fraction, held, caplog):
+    """Two or three scans all train (each is often a source of its own); larger sets hold out
+    the fraction, at least one case, never leaving fewer than three to train."""
+    import logging
+
+    from volseg.data.manifest import Case, Manifest
+
+    cases = tuple(Case(f"c{i}", (Path(f"c{i}.nii.gz"),), Path(f"c{i}_seg.nii.gz")) for i in range(n))
+    m = Manifest(Path("dataset.json"), "t", ("CT",), {0: "background", 1: "a"}, cases)
+    with caplog.at_level(logging.WARNING, logger="volseg"):
+        train, val = split_cases(m, fraction)
+    assert len(val) == held and len(train) == n - held
+    assert any("none is held out for validation" in r.getMessage() for r in caplog.records) == (held == 0 and fraction > 0)
+
+
 @pytest.mark.parametrize(
     "direction, spacing",
     [

@@ -129,7 +129,8 @@ class DataConfig:
     the training set's median. ``patch_size`` has one entry per network spatial dim.
     ``normalization``: ``auto`` picks ``ct`` when the manifest modality says CT, else ``zscore``.
     ``folds``/``fold``: k-fold cross-validation (``fold`` of ``folds`` held out); 0 folds holds
-    out ``val_fraction`` instead. A manifest's explicit ``validation`` list wins over both.
+    out ``val_fraction`` instead (at least one case, but never leaving fewer than three to
+    train: 2-3 scans all train). A manifest's explicit ``validation`` list wins over both.
     ``class_ratios``: relative sampling frequency of patch centres per label value (background
     first); ``None`` means background 1 and every foreground class 1.
     ``cache``: ``memory`` | ``disk`` | ``none`` (see :mod:`volseg.training.data`); ``cache_dir``:

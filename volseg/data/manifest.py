@@ -229,9 +229,15 @@ def validate_cases(manifest: Manifest, cases: Sequence[Case], min_cases: int = 1
         raise ManifestError(f"manifest {manifest.path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
 
 
+#: a fraction split never leaves fewer training cases than this: with two or three scans, each
+#: one (often a source of its own) is worth more to training than a one-scan validation Dice
+MIN_TRAIN_CASES = 3
+
+
 def split_cases(manifest: Manifest, val_fraction: float, seed: int = 0, folds: int = 0, fold: int = 0) -> Tuple[Tuple[Case, ...], Tuple[Case, ...]]:
     """(train, validation). An explicit ``validation`` list wins; with ``folds`` >= 2 fold
-    ``fold`` is held out; otherwise a fraction of ``training``. Cases are ranked by a hash of
+    ``fold`` is held out; otherwise a fraction of ``training`` (at least one case, and none
+    when fewer than :data:`MIN_TRAIN_CASES` would remain to train). Cases are ranked by a hash of
     their names (independent of the manifest's order), so splits are deterministic."""
     if manifest.validation:
         return manifest.training, manifest.validation
@@ -244,7 +250,12 @@ def split_cases(manifest: Manifest, val_fraction: float, seed: int = 0, folds: i
         val = {c.name for i, c in enumerate(ranked) if i % folds == fold}
         return tuple(c for c in cases if c.name not in val), tuple(c for c in cases if c.name in val)
     n_val = int(round(len(cases) * val_fraction))
-    if val_fraction > 0 and len(cases) >= 2:
-        n_val = max(1, min(n_val, len(cases) - 1))
+    if val_fraction > 0:
+        n_val = max(0, min(max(1, n_val), len(cases) - MIN_TRAIN_CASES))
+        if n_val == 0:
+            log.warning("%d training case(s): all of them train and none is held out for validation (data.val_fraction=%g "
+                        "keeps at least %d cases training): no best.pt (inference uses last.pt), no validation Dice and no "
+                        "learned postprocessing. Give the manifest a 'validation' list to validate anyway.",
+                        len(cases), val_fraction, MIN_TRAIN_CASES)
     val = {c.name for c in ranked[:n_val]}
     return tuple(c for c in cases if c.name not in val), tuple(c for c in cases if c.name in val)

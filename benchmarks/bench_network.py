@@ -3,7 +3,8 @@ memory-format lever, against float32 (the baseline, measured in the same run).
 
 Rows: ``fp32`` (contiguous float32, what MONAI's recipe runs on a CPU), ``bf16`` (bfloat16
 autocast: volseg's ``infer.amp`` on a CPU with native bf16), ``fp32_cl`` / ``bf16_cl`` (the same
-in ``channels_last_3d``). The rows alternate ``--repeat`` times after one warm-up call each; the median is reported with the ratio fp32 / row and the agreement of the argmax with
+in ``channels_last_3d``), ``bf16_clin`` (contiguous weights, ``channels_last_3d`` input windows:
+what a predictor can do without converting a model it shares with training). The rows alternate ``--repeat`` times after one warm-up call each; the median is reported with the ratio fp32 / row and the agreement of the argmax with
 fp32's. The network is untrained (random weights, zero biases): times are what this measures;
 the agreement of a trained network is in ``bench_inference.py``'s ``amp`` row. Not measured:
 stitching, preprocessing, restore (``bench_inference.py``), ``torch.compile``, GPUs.
@@ -20,7 +21,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-ROWS = ("fp32", "bf16", "fp32_cl", "bf16_cl")
+ROWS = ("fp32", "bf16", "fp32_cl", "bf16_cl", "bf16_clin")
 
 
 def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -57,9 +58,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if name.endswith("bias"):
                 p.zero_()
     x = torch.randn(args.batch, 1, *args.roi)
-    layout = {r: torch.channels_last_3d if r.endswith("_cl") else torch.contiguous_format for r in args.rows}
-    nets = {r: copy.deepcopy(net).to(memory_format=layout[r]) for r in args.rows}
-    inputs = {r: x.contiguous(memory_format=layout[r]) for r in args.rows}
+    cl, contiguous = torch.channels_last_3d, torch.contiguous_format
+    nets = {r: copy.deepcopy(net).to(memory_format=cl if r.endswith("_cl") else contiguous) for r in args.rows}
+    inputs = {r: x.contiguous(memory_format=cl if r.endswith(("_cl", "_clin")) else contiguous) for r in args.rows}
 
     def call(row: str):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=row.startswith("bf16")):

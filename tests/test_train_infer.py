@@ -252,6 +252,43 @@ def test_predictor_slabs_tta_and_largest_component(tiny_run):
     assert ndimage.label(index == 1, structure=np.ones((3, 3, 3)))[1] <= 1
 
 
+def test_run_models_take_channels_last_3d_for_bf16_windows_on_a_cpu(tiny_run, monkeypatch):
+    """A predictor loaded from a run folder puts its own 3D networks and windows in
+    ``channels_last_3d`` when the windows run in bfloat16 on a CPU (measured faster there) and
+    keeps them contiguous otherwise; a predictor built on a model it shares (training's
+    validation) never converts it. The probabilities match the contiguous network's."""
+    import copy
+
+    import torch
+
+    from volseg.data.manifest import load_manifest
+    from volseg.data.preprocess import preprocess_case
+    from volseg.inference import Predictor
+
+    cl = torch.channels_last_3d
+
+    def layout(pred):
+        # a convolution with several input channels and a 3x3x3 kernel: both layouts differ there
+        conv = next(m for m in pred.model.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1 and m.kernel_size[0] > 1)
+        return conv.weight.is_contiguous(memory_format=cl) and not conv.weight.is_contiguous()
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    pred = Predictor.from_run(tiny_run, device="cpu", overrides={"largest_component": []})
+    assert layout(pred) and pred._layout is cl
+    assert not layout(Predictor.from_run(tiny_run, device="cpu", overrides={"amp": False}))
+    shared = copy.deepcopy(pred.model).to(memory_format=torch.contiguous_format)
+    plain = Predictor(shared, pred.plan, pred.infer, "cpu")
+    assert not layout(plain) and plain._layout is None
+    seen = []  # the convolutions compute in channels_last
+    inner = next(m for m in pred.model.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1 and m.kernel_size[0] > 1)
+    inner.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=cl) and not o.is_contiguous()))
+    manifest = json.loads((tiny_run / "dataset.json").read_text(encoding="utf-8"))["manifest"]
+    image = preprocess_case(load_manifest(manifest).test[0], pred.plan)["image"]
+    a, b = pred.probabilities(image).astype(np.float32), plain.probabilities(image).astype(np.float32)
+    assert seen and all(seen)
+    assert np.abs(a - b).max() <= 2 / 255  # uint8 probabilities; bf16 either way
+
+
 def test_infer_dicom_series_folder(tiny_run, tmp_path):
     image, _ = make_case(4, "ct", (30, 28, 20), (1.2, 1.2, 2.0), orientation="LPS")
     write_dicom_series(image, tmp_path / "series")

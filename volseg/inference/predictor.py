@@ -482,6 +482,7 @@ class Predictor:
         plan = _shared_plan(runs, [m[1] for m in members])
         infer, chosen = _postprocessing(run_dir, members[0][0].infer, overrides)
         pred = cls([m[2] for m in members], plan, infer, device, progress=progress)
+        pred._own_layout()
         infos = [m[3] for m in members]
         pred.run_info = dict(infos[0]) if len(infos) == 1 else {"ensemble": infos}
         notes = [n for i in infos for n in i.pop("warnings", [])]
@@ -491,6 +492,23 @@ class Predictor:
         if len(runs) > 1:
             log.info("ensemble of %d models: %s", len(runs), ", ".join(str(r) for r in runs))
         return pred
+
+    def _own_layout(self) -> None:
+        """``channels_last_3d`` for networks this predictor owns (loaded by :meth:`from_run`,
+        not the model that training shares with its validation), where it is measured to pay:
+        bfloat16 windows of a 3D network on a CPU. There oneDNN's bf16 convolutions skip a
+        reorder of every activation: the default U-Net 16..128 on 4 windows of 64^3 runs 1.21x
+        as fast, the 32..320 one as fast as contiguous (and float32 is slower in this layout);
+        the outputs are identical (benchmarks/README.md, ``bench_network.py``)."""
+        import torch
+
+        dtype = amp_dtype(self.device) if self.infer.amp else None
+        if self.device.type == "cpu" and dtype == torch.bfloat16 and self.plan.spatial_dims == 3:
+            self.models = [m.to(memory_format=torch.channels_last_3d) for m in self.models]
+            self.model = self.models[0]
+            self._layout = torch.channels_last_3d
+
+    _layout = None  # the window layout the networks take (None: contiguous)
 
     # -- the network on a batch of windows ----------------------------------------------------------
     def _forward(self, model, x):
@@ -509,6 +527,8 @@ class Predictor:
 
         flips = self._flips()
         dtype = amp_dtype(self.device) if self.infer.amp else None
+        if self._layout is not None:
+            x = x.contiguous(memory_format=self._layout)
         acc = None
         for model in self.models:
             for axes in flips:

@@ -172,10 +172,13 @@ def test_ensemble_of_runs_with_different_plans_is_refused(cv_parent, tmp_path):
         Predictor.from_run([cv_parent / "fold_0", other], device="cpu")
 
 
-def _fake_run(tmp_path: Path, parent: Path, manifest: Path, islands: bool) -> Path:
+def _fake_run(tmp_path: Path, parent: Path, manifest: Path, islands: bool, one_kidney: bool = False) -> Path:
     """A run folder whose validation predictions are the phantoms' own labels, plus (with
-    ``islands``) a spurious liver island and a spurious kidney island in background corners."""
-    run = tmp_path / ("islands" if islands else "clean")
+    ``islands``) a spurious liver island and a spurious kidney island in background corners;
+    ``one_kidney``: the smaller kidney is missed."""
+    from scipy import ndimage
+
+    run = tmp_path / (("islands" if islands else "clean") + ("_one_kidney" if one_kidney else ""))
     (run / "val_predictions").mkdir(parents=True)
     shutil.copy(parent / "plan.json", run / "plan.json")
     man = load_manifest(manifest)
@@ -187,6 +190,12 @@ def _fake_run(tmp_path: Path, parent: Path, manifest: Path, islands: bool) -> Pa
             assert not arr[:3, :3, :3].any() and not arr[-3:, -3:, -3:].any()
             arr[:3, :3, :3] = 1  # liver is one organ: the island only costs Dice
             arr[-3:, -3:, -3:] = 2  # kidneys are two: keeping the largest would drop one
+        if one_kidney:
+            parts, n = ndimage.label(arr == 2, structure=np.ones((3, 3, 3)))
+            sizes = np.bincount(parts.ravel())[1:]
+            assert n >= 2
+            arr[(parts > 0) & (parts != 1 + int(np.argmax(sizes)))] = 0
+            arr[-3:, -3:, -3:] = 2  # and an island: the largest-component step now gains on validation
         out = sitk.GetImageFromArray(arr)
         out.CopyInformation(img)
         sitk.WriteImage(out, str(run / "val_predictions" / f"{case.name}_seg.nii.gz"))
@@ -200,6 +209,12 @@ def test_postprocessing_switches_on_only_where_it_raises_dice(cv_parent, tiny_da
     rule = json.loads((tmp_path / "islands" / "postprocessing.json").read_text())["labels"]
     assert rule["liver"]["dice_largest_component"] > rule["liver"]["dice"] and rule["kidney"]["dice_largest_component"] < rule["kidney"]["dice"]
     assert learn_postprocessing(_fake_run(tmp_path, cv_parent, tiny_dataset, islands=False)) == []
+    # a model that misses one kidney gains from the step on validation, but the reference kidneys
+    # are two pieces: the step would delete a found kidney at test time, so it stays off
+    run = _fake_run(tmp_path, cv_parent, tiny_dataset, islands=True, one_kidney=True)
+    assert learn_postprocessing(run) == [1]
+    kidney = json.loads((run / "postprocessing.json").read_text())["labels"]["kidney"]
+    assert kidney["dice_largest_component"] > kidney["dice"] and kidney["reference_in_largest_component"] < 0.95 and not kidney["applied"]
 
 
 def test_infer_applies_the_learned_rule_unless_told_otherwise(cv_parent, tmp_path):

@@ -9,7 +9,8 @@ their Dice, and the postprocessing learned from them.
   predicted by the one fold that did not train on it.
 * :func:`learn_postprocessing`: nnU-Net's rule. For each foreground label, keeping only its
   largest connected component is switched on if and only if it raises that label's mean Dice
-  over the validation cases; the decision and both Dice values go to
+  over the validation cases, and never for a label whose reference masks are in pieces (left and
+  right kidney as one label); the decision and both Dice values go to
   ``FOLDER/postprocessing.json``, which ``volseg infer --model FOLDER`` applies
   (:meth:`volseg.inference.Predictor.from_run`; an explicit ``infer.largest_component`` wins).
 """
@@ -110,9 +111,15 @@ def evaluate_cv(folder: PathLike, output: Optional[PathLike] = None, tolerance_m
     return evaluate_pairs(cv_pairs(folder), _labels(folder), output, tolerance_mm)
 
 
+#: a label counts as one piece when its largest connected component holds this share of its
+#: reference mask in every validation case
+REFERENCE_ONE_PIECE = 0.95
+
+
 def learn_postprocessing(folder: PathLike) -> List[int]:
     """nnU-Net's rule on the validation predictions of a run or parent: the label values whose
-    mean Dice rises (strictly) when only their largest connected component is kept. Written to
+    mean Dice rises (strictly) when only their largest connected component is kept, except
+    labels whose reference masks are in pieces (:data:`REFERENCE_ONE_PIECE`). Written to
     ``FOLDER/postprocessing.json`` with the Dice before and after for every label."""
     from ..inference.predictor import largest_component
     from ..training.handlers import dice_per_class
@@ -122,6 +129,7 @@ def learn_postprocessing(folder: PathLike) -> List[int]:
     values = sorted(labels)
     before: Dict[int, List[float]] = {v: [] for v in values[1:]}
     after: Dict[int, List[float]] = {v: [] for v in values[1:]}
+    truth_kept: Dict[int, List[float]] = {v: [] for v in values[1:]}  # share of the reference in its largest component
     pairs = cv_pairs(folder)
     for name, pred_path, truth_path, _ in pairs:
         pred, truth, _ = _load_pair(pred_path, truth_path, name)
@@ -129,13 +137,20 @@ def learn_postprocessing(folder: PathLike) -> List[int]:
             p, t = (pred == v).astype(np.uint8), (truth == v).astype(np.uint8)
             before[v].append(dice_per_class(p, t, 2)[0])
             after[v].append(dice_per_class(largest_component(p, [1]), t, 2)[0])
-    keep = [v for v in before if np.mean(after[v]) > np.mean(before[v])]
+            if t.any():
+                truth_kept[v].append(float(largest_component(t, [1]).sum() / t.sum()))
+    # nnU-Net's rule, guarded: never for a label whose reference is itself in pieces (left and
+    # right kidney as one label, lesions, vertebrae): there a briefly trained model that misses
+    # one piece on validation "gains" from the step, which then deletes a found piece at test time
+    whole = {v: min(truth_kept[v], default=1.0) >= REFERENCE_ONE_PIECE for v in before}
+    keep = [v for v in before if np.mean(after[v]) > np.mean(before[v]) and whole[v]]
     record = {
         "largest_component": keep,
-        "rule": "keep only the largest connected component of a label iff that raises its mean Dice over the validation cases",
+        "rule": ("keep only the largest connected component of a label iff that raises its mean Dice over the validation cases "
+                 f"and the label's largest component holds at least {REFERENCE_ONE_PIECE:.0%} of its reference in every validation case"),
         "cases": len(pairs),
         "labels": {labels[v]: {"label": v, "dice": float(np.mean(before[v])), "dice_largest_component": float(np.mean(after[v])),
-                               "applied": v in keep} for v in before},
+                               "reference_in_largest_component": min(truth_kept[v], default=None), "applied": v in keep} for v in before},
     }
     write_text(folder / POSTPROCESSING, json.dumps(record, indent=2) + "\n")
     log.info("postprocessing learned from %d validation cases: largest component of labels %s (%s)", len(pairs), keep or "none",

@@ -243,13 +243,15 @@ from volseg.config import InferConfig
 from volseg.data.preprocess import ChannelNorm, Plan
 from volseg.inference.predictor import Predictor, plan_memory
 torch.set_num_threads(1)
+def _water_with_air(shape):  # a CT in HU: water and one voxel of air (all zeros is not HU)
+    a = np.zeros(shape, np.int16); a.flat[0] = -1000; return a
 k = 48
 plan = Plan(spacing=(1.0, 1.0, 1.0), orientation="RAS", channels=("CT",), norms=(ChannelNorm("ct", -1000, 1000, 0, 500),),
             label_values=tuple(range(k)), label_names=tuple(map(str, range(k))), spatial_dims=3, patch_size=(32, 32, 8), slice_axis=2)
-img = sitk.GetImageFromArray(np.zeros((160, 160, 160), np.int16))
+img = sitk.GetImageFromArray(_water_with_air((160, 160, 160)))
 net = torch.nn.Conv3d(1, k, 1)
 pred = Predictor(net, plan, InferConfig(crop="none", overlap=0.0, batch_size=2), "cpu")
-pred.predict([sitk.GetImageFromArray(np.zeros((20, 40, 40), np.int16))])  # warm-up: lazy imports, allocator
+pred.predict([sitk.GetImageFromArray(_water_with_air((20, 40, 40)))])  # warm-up: lazy imports, allocator
 import gc; gc.collect()
 before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 pred.predict([img])

@@ -183,6 +183,8 @@ def hu_offset(img: sitk.Image, scheme: str, modality: str, source: str = "input"
     lo, hi = f.GetMinimum(), f.GetMaximum()
     if lo < 0:
         return 0.0
+    if lo == hi:
+        raise ImageReadError(f"{source}: channel {modality!r} holds {lo:g} in every voxel: a blank scan, nothing to segment.")
     if hi <= 255:
         raise ImageReadError(
             f"{source}: channel {modality!r} holds {lo:g}..{hi:g}, no value below 0 and none above 255: an 8-bit export "

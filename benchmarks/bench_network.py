@@ -4,8 +4,9 @@ memory-format lever, against float32 (the baseline, measured in the same run).
 Rows: ``fp32`` (contiguous float32, what MONAI's recipe runs on a CPU), ``bf16`` (bfloat16
 autocast: volseg's ``infer.amp`` on a CPU with native bf16), ``fp32_cl`` / ``bf16_cl`` (the same
 in ``channels_last_3d``), ``bf16_clin`` (contiguous weights, ``channels_last_3d`` input windows:
-what a predictor can do without converting a model it shares with training). The rows alternate ``--repeat`` times after one warm-up call each; the median is reported with the ratio fp32 / row and the agreement of the argmax with
-fp32's. The network is untrained (random weights, zero biases): times are what this measures;
+what a predictor can do without converting a model it shares with training). The rows
+alternate ``--repeat`` times after one warm-up call each; the median is reported with the ratio
+fp32 / row and the agreement of the argmax with fp32's. The network is untrained (random weights, zero biases): times are what this measures;
 the agreement of a trained network is in ``bench_inference.py``'s ``amp`` row. Not measured:
 stitching, preprocessing, restore (``bench_inference.py``), ``torch.compile``, GPUs.
 

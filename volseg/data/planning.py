@@ -39,7 +39,7 @@ import SimpleITK as sitk
 from ..config import Config, ConfigError, ModelConfig, apply_overrides, from_dict, load_config, to_dict
 from .io import write_text
 from .manifest import Case, Manifest, is_ct_modality
-from .preprocess import SOFT_TISSUE_HU, ct_window, hu_offset, load_case, to_canonical
+from .preprocess import SOFT_TISSUE_HU, channel_scheme, ct_window, hu_offset, load_case, to_canonical
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def fingerprint(manifest: Manifest, cases: Sequence[Case], orientation: str = "R
         mask = lab > 0
         for c, img in enumerate(images):
             name = manifest.modalities[c]
-            vals = sitk.GetArrayViewFromImage(img)[mask] + hu_offset(img, "ct" if is_ct_modality(name) else "zscore", name, case.name)
+            vals = sitk.GetArrayViewFromImage(img)[mask] + hu_offset(img, channel_scheme("auto", name), name, case.name)
             samples[c].append(rng.choice(vals, per_case, replace=False) if vals.size > per_case else vals)
     return {
         "cases": len(cases),

@@ -34,7 +34,7 @@ from .manifest import Case, Manifest, is_ct_modality
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Plan", "SOFT_TISSUE_HU", "ct_window", "hu_offset", "make_plan", "load_case", "preprocess", "preprocess_case", "restore_labels", "to_canonical", "resample"]
+__all__ = ["Plan", "SOFT_TISSUE_HU", "channel_scheme", "ct_window", "hu_offset", "make_plan", "load_case", "preprocess", "preprocess_case", "restore_labels", "to_canonical", "resample"]
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ def make_plan(manifest: Manifest, cases: Sequence[Case], cfg: Config, max_sample
     """Fingerprint the training cases: median spacing (canonical axis order) and, for CT
     channels, foreground intensity percentiles, mean and std."""
     rng = np.random.default_rng(seed)
-    schemes = [_scheme(cfg.data.normalization, m) for m in manifest.modalities]
+    schemes = [channel_scheme(cfg.data.normalization, m) for m in manifest.modalities]
     spacings, shapes = [], []
     fg: List[List[np.ndarray]] = [[] for _ in manifest.modalities]
     labelled = 0  # cases with any foreground voxel
@@ -250,7 +250,7 @@ def make_plan(manifest: Manifest, cases: Sequence[Case], cfg: Config, max_sample
     )
 
 
-def _scheme(normalization: str, modality: str) -> str:
+def channel_scheme(normalization: str, modality: str) -> str:
     """``data.normalization`` of a channel: "auto" is "ct" for CT modality names, else "zscore"."""
     if normalization == "auto":
         return "ct" if is_ct_modality(modality) else "zscore"

@@ -40,7 +40,6 @@ def mirror_axes(plan: Plan) -> List[int]:
         lr = next(i for i, c in enumerate(plan.orientation.upper()) if c in "LR")
         if lr in axes:
             axes.remove(lr)
-            log.info("labels %s are lateral: no mirroring along the left-right axis (axis %d of %s)", lateral, lr, plan.orientation)
     return axes
 
 
@@ -105,7 +104,10 @@ def random_transforms(plan: Plan, cfg: Config, num_samples: int):
     if a.flip_prob > 0:
         # patch axes: the canonical ones (in 2D without the slice axis), in order
         patch_axes = [ax for ax in range(3) if not (dims == 2 and ax == plan.slice_axis)]
-        chain.extend(T.RandFlipd(keys=keys, prob=a.flip_prob, spatial_axis=patch_axes.index(ax)) for ax in mirror_axes(plan))
+        mirrored = mirror_axes(plan)
+        if len(mirrored) < len(patch_axes):
+            log.info("lateral labels among %s: no mirroring along the left-right axis of %s", list(plan.label_names[1:]), plan.orientation)
+        chain.extend(T.RandFlipd(keys=keys, prob=a.flip_prob, spatial_axis=patch_axes.index(ax)) for ax in mirrored)
     chain += [
         T.RandScaleIntensityd(keys="image", factors=0.25, prob=a.intensity_scale_prob),
         T.RandShiftIntensityd(keys="image", offsets=0.25, prob=a.intensity_shift_prob),

@@ -496,10 +496,10 @@ class Predictor:
     def _own_layout(self) -> None:
         """``channels_last_3d`` for networks this predictor owns (loaded by :meth:`from_run`,
         not the model that training shares with its validation), where it is measured to pay:
-        bfloat16 windows of a 3D network on a CPU. There oneDNN's bf16 convolutions skip a
-        reorder of every activation: the default U-Net 16..128 on 4 windows of 64^3 runs 1.21x
-        as fast, the 32..320 one as fast as contiguous (and float32 is slower in this layout);
-        the outputs are identical (benchmarks/README.md, ``bench_network.py``)."""
+        bfloat16 windows of a 3D network on a CPU, where oneDNN's bf16 convolutions run the
+        default U-Net 16..128 on 4 windows of 64^3 1.25x as fast with channels-last weights,
+        the 32..320 one as fast as contiguous (float32 is slower in this layout); the outputs
+        are identical (benchmarks/README.md, ``bench_network.py``)."""
         import torch
 
         dtype = amp_dtype(self.device) if self.infer.amp else None

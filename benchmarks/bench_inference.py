@@ -25,7 +25,7 @@ Rows (``--rows``):
   ``overlap`` (0.25), ``batch1`` (window batch 1), ``threads1`` (one torch thread).
 
 Agreement: mean foreground Dice of each row's label map against the recipe's and against
-``exact``'s. With ``--train-steps N`` the network is first trained briefly on synthetic
+``exact``'s; with ``--train-steps``, also against the phantom's reference (accuracy). With ``--train-steps N`` the network is first trained briefly on synthetic
 phantoms (``--modality`` ct or mr; volseg's trainer, the default config) and a held-out phantom
 is segmented, so the
 agreement rows mean something; otherwise the network (``--features``) is untrained (random
@@ -236,8 +236,8 @@ def make_trained_run(tmp: Path, steps: int, device: str, batch: int, shape: Sequ
                      spacing: Optional[Sequence[float]] = None) -> tuple:
     """Train the default config's network (U-Net 16-128, patch 64^3, every key at its default
     but the length) for ``steps`` steps on synthetic phantoms of ``modality``; return the run
-    folder and a held-out phantom of ``shape`` voxels (at ``spacing`` mm; None: synth's draw,
-    about 1.5 mm) written as NIfTI. The training phantoms share shape and spacing. The run keeps the
+    folder, a held-out phantom of ``shape`` voxels (at ``spacing`` mm; None: synth's draw,
+    about 1.5 mm) written as NIfTI, and its reference label map. The training phantoms share shape and spacing. The run keeps the
     default ``infer`` settings, so the ``volseg`` row is volseg's defaults."""
     from volseg.config import load_config
     from volseg.data.io import write_image
@@ -249,10 +249,11 @@ def make_trained_run(tmp: Path, steps: int, device: str, batch: int, shape: Sequ
     cfg = load_config(None, [f"train.epochs={epochs}", f"train.steps_per_epoch={max(1, steps // epochs)}", "train.val_every=1000",
                              f"infer.batch_size={batch}"])
     run = train(data, cfg, tmp / "run", device=device)
-    image, _ = make_case(99, modality, shape, spacing, orientation="LPS", anisotropic=False)
-    path = tmp / "phantom.nii.gz"
+    image, label = make_case(99, modality, shape, spacing, orientation="LPS", anisotropic=False)
+    path, reference = tmp / "phantom.nii.gz", tmp / "phantom_label.nii.gz"
     write_image(image, path)
-    return run, path
+    write_image(label, reference)
+    return run, path, reference
 
 
 # --------------------------------------------------------------------------- parent
@@ -301,7 +302,7 @@ def dice(a_path: str, b_path: str) -> float:
     return float(np.mean(scores)) if scores else 1.0
 
 
-def run_rows(args, run: Path, image: Path, tmp: Path) -> Dict[str, dict]:
+def run_rows(args, run: Path, image: Path, tmp: Path, reference: Optional[Path] = None) -> Dict[str, dict]:
     runs: Dict[str, List[dict]] = {r: [] for r in args.rows}
     for rep in range(args.repeat):
         for row in args.rows:  # alternate, so a burst of load from elsewhere hits every row
@@ -320,12 +321,17 @@ def run_rows(args, run: Path, image: Path, tmp: Path) -> Dict[str, dict]:
         for ref in ("monai", "exact"):
             if "error" not in r and ref in results and "error" not in results[ref] and ref != row:
                 r[f"dice_vs_{ref}"] = dice(r["output"], results[ref]["output"])
+        if reference is not None and "error" not in r:
+            r["dice_vs_reference"] = dice(r["output"], str(reference))
     return results
 
 
 def print_table(results: Dict[str, dict], device: str) -> None:
     base = results.get("monai", {}).get("time_s")
     cols = ["row", "wall s", "monai/row", "pre s", "net s", "restore s", "peak RSS MiB", "RSS before MiB", "Dice vs monai", "Dice vs exact"]
+    with_ref = any("dice_vs_reference" in r for r in results.values())
+    if with_ref:
+        cols.append("Dice vs reference")
     if device == "cuda":
         cols.append("CUDA peak MiB")
     print("| " + " | ".join(cols) + " |")
@@ -338,6 +344,8 @@ def print_table(results: Dict[str, dict], device: str) -> None:
         cells = [row, f"{r['time_s']:.1f}", f"{base / r['time_s']:.2f}x" if base else "-", f"{st['preprocess']:.1f}", f"{st['network']:.1f}",
                  f"{st['restore']:.1f}", f"{r['peak_rss_mib']:.0f}", f"{r.get('rss_before_mib', float('nan')):.0f}", f"{r.get('dice_vs_monai', float('nan')):.4f}",
                  f"{r.get('dice_vs_exact', float('nan')):.4f}"]
+        if with_ref:
+            cells.append(f"{r.get('dice_vs_reference', float('nan')):.4f}")
         if device == "cuda":
             cells.append(f"{r.get('cuda_peak_mib', float('nan')):.0f}")
         print("| " + " | ".join(cells) + " |")
@@ -414,18 +422,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tmp = Path(d)
         t0 = time.perf_counter()
         if args.train_steps:
-            run, image = make_trained_run(tmp, args.train_steps, args.device, args.batch, args.phantom_shape, args.modality, args.phantom_spacing)
+            run, image, reference = make_trained_run(tmp, args.train_steps, args.device, args.batch, args.phantom_shape, args.modality, args.phantom_spacing)
             what = (f"default-config U-Net trained {args.train_steps} steps on {args.modality.upper()} phantoms; "
                     f"held-out phantom {list(args.phantom_shape)}")
         else:
-            image = tmp / "ct.nii.gz"
+            image, reference = tmp / "ct.nii.gz", None
             make_volume(image, args.shape, args.spacing)
             run = make_untrained_run(tmp / "run", args.features, args.classes, args.roi, args.target_spacing, args.batch)
             what = (f"untrained U-Net {args.features}, {args.classes} classes; synthetic CT {list(args.shape)} at {list(args.spacing)} mm "
                     f"-> plan spacing {list(args.target_spacing)} mm, roi {list(args.roi)}")
         bound = lower_bound(run, image, args.batch)
         print(f"{what}; {args.device}, set-up {time.perf_counter() - t0:.0f} s", flush=True)
-        results = run_rows(args, run, image, tmp)
+        results = run_rows(args, run, image, tmp, reference)
     print_table(results, args.device)
     print("lower bounds, main buffers (MiB): volseg (plan_memory) " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in bound.items() if k != "monai_recipe_total")
           + f"; monai recipe {bound['monai_recipe_total'] / 2**20:.0f}")

@@ -4,7 +4,10 @@ memory-format lever, against float32 (the baseline, measured in the same run).
 Rows: ``fp32`` (contiguous float32, what MONAI's recipe runs on a CPU), ``bf16`` (bfloat16
 autocast: volseg's ``infer.amp`` on a CPU with native bf16), ``fp32_cl`` / ``bf16_cl`` (the same
 in ``channels_last_3d``), ``bf16_clin`` (contiguous weights, ``channels_last_3d`` input windows:
-what a predictor can do without converting a model it shares with training). The rows
+what a predictor can do without converting a model it shares with training); a ``_inorm``
+suffix (``fp32_inorm``, ``bf16_cl_inorm``, ...) runs the same network and weights with
+``torch.nn.InstanceNorm3d`` modules, as volseg built instance norm before 2026-12-01 (it now
+builds the same arithmetic as ``GroupNorm`` with one channel per group). The rows
 alternate ``--repeat`` times after one warm-up call each; the median is reported with the ratio
 fp32 / row and the agreement of the argmax with fp32's. The network is untrained (random weights, zero biases): times are what this measures;
 the agreement of a trained network is in ``bench_inference.py``'s ``amp`` row. Not measured:
@@ -22,7 +25,23 @@ import sys
 import time
 from typing import Optional, Sequence
 
-ROWS = ("fp32", "bf16", "fp32_cl", "bf16_cl", "bf16_clin")
+ROWS = ("fp32", "bf16", "fp32_cl", "bf16_cl", "bf16_clin", "fp32_inorm", "bf16_inorm", "fp32_cl_inorm", "bf16_cl_inorm")
+
+
+def instance_norm_modules(net):
+    """A copy of ``net`` whose one-channel-per-group GroupNorms are InstanceNorm3d (same weights)."""
+    import copy
+
+    from torch import nn
+
+    net = copy.deepcopy(net)
+    for mod in list(net.modules()):
+        for name, child in mod.named_children():
+            if isinstance(child, nn.GroupNorm) and child.num_groups == child.num_channels:
+                inorm = nn.InstanceNorm3d(child.num_channels, eps=child.eps, affine=True)
+                inorm.load_state_dict(child.state_dict())
+                setattr(mod, name, inorm)
+    return net
 
 
 def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -60,8 +79,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 p.zero_()
     x = torch.randn(args.batch, 1, *args.roi)
     cl, contiguous = torch.channels_last_3d, torch.contiguous_format
-    nets = {r: copy.deepcopy(net).to(memory_format=cl if r.endswith("_cl") else contiguous) for r in args.rows}
-    inputs = {r: x.contiguous(memory_format=cl if r.endswith(("_cl", "_clin")) else contiguous) for r in args.rows}
+    def parts(row: str):
+        return row.split("_")
+
+    nets = {r: (instance_norm_modules(net) if "inorm" in parts(r) else copy.deepcopy(net)).to(memory_format=cl if "cl" in parts(r) else contiguous)
+            for r in args.rows}
+    inputs = {r: x.contiguous(memory_format=cl if {"cl", "clin"} & set(parts(r)) else contiguous) for r in args.rows}
 
     def call(row: str):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=row.startswith("bf16")):

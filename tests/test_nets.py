@@ -62,6 +62,31 @@ def test_norms_and_acts_build(variant, norm, act):
     assert model(torch.randn(2, 1, 17, 19)).shape == (2, 1, 17, 19)
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_instance_norm_is_instance_norm_and_loads_old_checkpoints(dims):
+    """``norm: instance`` builds GroupNorm with one channel per group (it computes in
+    channels_last_3d on a CPU): per sample and channel, the same output as InstanceNorm (affine)
+    in float32, in both layouts, and a state dict saved from InstanceNorm modules loads."""
+    from torch import nn
+
+    from volseg.nets.blocks import norm_act
+
+    cfg = tiny(spatial_dims=dims)
+    norm = norm_act(cfg, 6, act=False)[0]
+    assert isinstance(norm, nn.GroupNorm) and norm.num_groups == norm.num_channels == 6
+    old = (nn.InstanceNorm3d if dims == 3 else nn.InstanceNorm2d)(6, affine=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        old.weight.uniform_(0.5, 1.5)
+        old.bias.uniform_(-1, 1)
+    norm.load_state_dict(old.state_dict())  # same names and shapes: checkpoints of older runs load
+    x = torch.randn(2, 6, *(9,) * dims) * 3 + 2
+    assert torch.allclose(norm(x), old(x), atol=1e-5)
+    if dims == 3:
+        cl = x.contiguous(memory_format=torch.channels_last_3d)
+        assert torch.allclose(norm(cl), old(x), atol=1e-5)
+
+
 def test_channel_arguments_override_config():
     model = build_network(tiny(spatial_dims=2, in_channels=2, out_channels=4), in_channels=3)
     assert model(torch.randn(1, 3, 16, 16)).shape == (1, 4, 16, 16)

@@ -252,11 +252,12 @@ def test_predictor_slabs_tta_and_largest_component(tiny_run):
     assert ndimage.label(index == 1, structure=np.ones((3, 3, 3)))[1] <= 1
 
 
-def test_run_models_take_channels_last_3d_for_bf16_windows_on_a_cpu(tiny_run, monkeypatch):
+def test_run_models_take_channels_last_3d_on_a_cpu(tiny_run, monkeypatch):
     """A predictor loaded from a run folder puts its own 3D networks and windows in
-    ``channels_last_3d`` when the windows run in bfloat16 on a CPU (measured faster there) and
-    keeps them contiguous otherwise; a predictor built on a model it shares (training's
-    validation) never converts it. The probabilities match the contiguous network's."""
+    ``channels_last_3d`` on a CPU (measured faster there, bf16 or float32); a predictor built on
+    a model it shares (training's validation) never converts it. The probabilities match the
+    contiguous network's, and the network's instance norms are GroupNorms with one channel per
+    group, which compute in that layout (InstanceNorm3d would copy to contiguous)."""
     import copy
 
     import torch
@@ -275,7 +276,9 @@ def test_run_models_take_channels_last_3d_for_bf16_windows_on_a_cpu(tiny_run, mo
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     pred = Predictor.from_run(tiny_run, device="cpu", overrides={"largest_component": []})
     assert layout(pred) and pred._layout is cl
-    assert not layout(Predictor.from_run(tiny_run, device="cpu", overrides={"amp": False}))
+    assert layout(Predictor.from_run(tiny_run, device="cpu", overrides={"amp": False}))
+    norms = [m for m in pred.model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == m.num_channels for m in norms) and pred.plan.spatial_dims == 3
     shared = copy.deepcopy(pred.model).to(memory_format=torch.contiguous_format)
     plain = Predictor(shared, pred.plan, pred.infer, "cpu")
     assert not layout(plain) and plain._layout is None

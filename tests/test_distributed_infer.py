@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from volseg.cli import main
 from volseg.data.io import write_image
@@ -81,7 +82,15 @@ def test_two_ranks_equal_one_process_and_summary(tiny_run, scans, tmp_path):
     (folder / "cut.nii").write_bytes(good[: len(good) // 2])  # header intact: it gets a rank by size
 
     one = tmp_path / "one"
-    assert main(["-q", "infer", str(folder), "--model", str(tiny_run), "--output", str(one), "--device", "cpu"]) == 1
+    # the ranks run one thread each (OMP_NUM_THREADS=1) and CPU reductions (group norm in
+    # channels_last) depend on the thread count, so the single process runs one thread too: the
+    # comparison is of the sharding, not of the threading
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["-q", "infer", str(folder), "--model", str(tiny_run), "--output", str(one), "--device", "cpu"]) == 1
+    finally:
+        torch.set_num_threads(threads)
     two = tmp_path / "two"
     proc = _torchrun(2, folder, tiny_run, two, "cpu")
     assert proc.returncode != 0, proc.stderr[-3000:]  # one scan failed

@@ -497,11 +497,12 @@ class Predictor:
         """``channels_last_3d`` for networks this predictor owns (loaded by :meth:`from_run`,
         not the model that training shares with its validation) on a CPU, 3D: oneDNN's
         convolutions and the group/instance norms (built as ``GroupNorm``,
-        :func:`volseg.nets.blocks.norm_act`) then run without layout copies, measured 1.5-1.7x
-        as fast in float32 and 2-3.3x in bfloat16 against contiguous float32 for the default
-        and the 32..320 U-Nets (benchmarks/README.md, ``bench_network.py``); argmax equal to the
-        contiguous network's to float rounding. CUDA keeps the contiguous layout (not measured
-        on a GPU)."""
+        :func:`volseg.nets.blocks.norm_act`) then run without layout copies: the forward pass
+        of the default and the 32..320 instance-norm U-Nets measured 1.3-1.65x as fast in
+        float32 and 3.3x in bfloat16 (against contiguous float32; benchmarks/README.md,
+        ``bench_network.py``), argmax equal to the contiguous network's to float rounding.
+        Batch-norm networks: not measured. CUDA keeps the contiguous layout (not measured on a
+        GPU)."""
         import torch
 
         if self.device.type == "cpu" and self.plan.spatial_dims == 3:

@@ -204,7 +204,7 @@ def test_every_augmentation_on_keeps_shapes_and_labels(dims, patch):
     plan = Plan(spacing=(1, 1, 1), orientation="RAS", channels=("MR",), norms=(), label_values=(0, 1), label_names=("bg", "a"),
                 spatial_dims=dims, patch_size=tuple(patch), slice_axis=2)
     probs = [f"augment.{k}=1" for k in ("elastic_prob", "rotate_prob", "scale_prob", "flip_prob", "intensity_scale_prob", "intensity_shift_prob",
-                                         "noise_prob", "contrast_prob", "blur_prob", "bias_field_prob", "lowres_prob", "label_shift_prob")]
+                                         "noise_prob", "contrast_prob", "blur_prob", "bias_field_prob", "lowres_prob")]
     cfg = load_config(None, [f"model.spatial_dims={dims}", f"data.patch_size={patch}"] + probs)
     lab = np.zeros((1, 40, 40, 30), np.uint8)
     lab[0, 10:30, 10:30, 5:25] = 1
@@ -215,45 +215,6 @@ def test_every_augmentation_on_keeps_shapes_and_labels(dims, patch):
         assert tuple(p["image"].shape) == (1, *patch) and tuple(p["label"].shape) == (1, *patch)
         assert set(np.unique(np.asarray(p["label"]))) <= {0, 1}  # nearest interpolation of labels
         assert np.isfinite(np.asarray(p["image"])).all()
-
-
-def test_label_shift_moves_each_structure_against_its_surroundings():
-    """One offset per class and channel inside that class, background untouched, the cached
-    case unchanged (a crop is a view of it), the draw seeded, and the transform in the chain."""
-    import torch
-
-    from volseg.data.augment import RandLabelShiftd
-    from volseg.data.transforms import cached_transforms, random_transforms
-
-    lab = np.zeros((1, 16, 16, 16), np.uint8)
-    lab[0, 2:8] = 1
-    lab[0, 10:14] = 2
-    img = torch.as_tensor(np.random.default_rng(0).random((2, 16, 16, 16), dtype=np.float32))
-    before = img.clone()
-    t = RandLabelShiftd(prob=1.0, offset=1.0, num_classes=3)
-    t.set_random_state(0)
-    out = t({"image": img, "label": torch.as_tensor(lab)})["image"]
-    assert torch.equal(img, before)
-    diff = (out - img).numpy()
-    m1, m2, bg = lab[0] == 1, lab[0] == 2, lab[0] == 0
-    assert np.all(diff[:, bg] == 0)
-    for c in range(2):
-        for m in (m1, m2):
-            assert np.ptp(diff[c, m]) < 1e-6 and 0 < abs(diff[c, m][0]) <= 1.0
-    assert abs(diff[0, m1][0] - diff[0, m2][0]) > 1e-3 and abs(diff[0, m1][0] - diff[1, m1][0]) > 1e-3  # per class and channel
-    t.set_random_state(0)
-    assert torch.equal(t({"image": img, "label": torch.as_tensor(lab)})["image"], out)
-    assert torch.equal(RandLabelShiftd(prob=0.0, offset=1.0, num_classes=3)({"image": img, "label": torch.as_tensor(lab)})["image"], img)
-
-    plan = Plan(spacing=(1, 1, 1), orientation="RAS", channels=("CT",), norms=(), label_values=(0, 1, 2), label_names=("bg", "a", "b"),
-                spatial_dims=3, patch_size=(16, 16, 16), slice_axis=2)
-    off = [f"augment.{k}=0" for k in ("elastic_prob", "rotate_prob", "scale_prob", "flip_prob", "intensity_scale_prob", "intensity_shift_prob",
-                                       "noise_prob", "contrast_prob", "blur_prob", "bias_field_prob", "lowres_prob")]
-    item = cached_transforms(plan)({"image": before[:1].numpy(), "label": lab})
-    patch = random_transforms(plan, load_config(None, off + ["augment.label_shift_prob=1", "data.patch_size=[16,16,16]"]), 1)(item)[0]
-    d = (np.asarray(patch["image"]) - before[:1].numpy())[0]
-    assert np.all(d[bg] == 0) and abs(d[m1][0]) > 0 and np.ptp(d[m1]) < 1e-6
-    assert np.array_equal(np.asarray(item["image"]), before[:1].numpy())  # the cache is not shifted
 
 
 def test_restore_keeps_the_outermost_layers():

@@ -208,8 +208,6 @@ class AugmentConfig:
     blur_prob: float = 0.1
     bias_field_prob: float = 0.1
     lowres_prob: float = 0.1
-    label_shift_prob: float = 0.0
-    label_shift_range: float = 1.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -218,7 +216,6 @@ class AugmentConfig:
         _positive("augment.rotate_range_deg", self.rotate_range_deg, allow_zero=True)
         _positive("augment.scale_range", self.scale_range, allow_zero=True)
         _positive("augment.noise_std", self.noise_std, allow_zero=True)
-        _positive("augment.label_shift_range", self.label_shift_range, allow_zero=True)
 
 
 @dataclass(frozen=True)

@@ -108,10 +108,6 @@ def random_transforms(plan: Plan, cfg: Config, num_samples: int):
         if len(mirrored) < len(patch_axes):
             log.info("lateral labels among %s: no mirroring along the left-right axis of %s", list(plan.label_names[1:]), plan.orientation)
         chain.extend(T.RandFlipd(keys=keys, prob=a.flip_prob, spatial_axis=patch_axes.index(ax)) for ax in mirrored)
-    if a.label_shift_prob > 0 and a.label_shift_range > 0:
-        from .augment import RandLabelShiftd  # imports MONAI: not at module import
-
-        chain.append(RandLabelShiftd(prob=a.label_shift_prob, offset=a.label_shift_range, num_classes=plan.num_classes))
     chain += [
         T.RandScaleIntensityd(keys="image", factors=0.25, prob=a.intensity_scale_prob),
         T.RandShiftIntensityd(keys="image", offsets=0.25, prob=a.intensity_shift_prob),

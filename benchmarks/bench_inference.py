@@ -25,10 +25,10 @@ Rows (``--rows``):
   ``overlap`` (0.25), ``batch1`` (window batch 1), ``threads1`` (one torch thread).
 
 Agreement: mean foreground Dice of each row's label map against the recipe's and against
-``exact``'s; with ``--train-steps``, also against the phantom's reference (accuracy). With ``--train-steps N`` the network is first trained briefly on synthetic
+``exact``'s. With ``--train-steps N`` the network is first trained briefly on synthetic
 phantoms (``--modality`` ct or mr; volseg's trainer, the default config) and a held-out phantom
-is segmented, so the
-agreement rows mean something; otherwise the network (``--features``) is untrained (random
+is segmented, so the agreement rows mean something, and each row's Dice against the phantom's
+reference label map (accuracy) is reported as well; otherwise the network (``--features``) is untrained (random
 weights, zero biases) and only the speed and memory rows mean something.
 ``--lower-bound`` prints :func:`volseg.inference.predictor.plan_memory` for the scan.
 
@@ -237,8 +237,9 @@ def make_trained_run(tmp: Path, steps: int, device: str, batch: int, shape: Sequ
     """Train the default config's network (U-Net 16-128, patch 64^3, every key at its default
     but the length) for ``steps`` steps on synthetic phantoms of ``modality``; return the run
     folder, a held-out phantom of ``shape`` voxels (at ``spacing`` mm; None: synth's draw,
-    about 1.5 mm) written as NIfTI, and its reference label map. The training phantoms share shape and spacing. The run keeps the
-    default ``infer`` settings, so the ``volseg`` row is volseg's defaults."""
+    about 1.5 mm) written as NIfTI, and its reference label map. The training phantoms share
+    shape and spacing. The run keeps the default ``infer`` settings, so the ``volseg`` row is
+    volseg's defaults."""
     from volseg.config import load_config
     from volseg.data.io import write_image
     from volseg.data.synth import make_case, make_dataset

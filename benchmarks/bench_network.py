@@ -79,12 +79,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 p.zero_()
     x = torch.randn(args.batch, 1, *args.roi)
     cl, contiguous = torch.channels_last_3d, torch.contiguous_format
-    def parts(row: str):
-        return row.split("_")
-
-    nets = {r: (instance_norm_modules(net) if "inorm" in parts(r) else copy.deepcopy(net)).to(memory_format=cl if "cl" in parts(r) else contiguous)
+    parts = {r: set(r.split("_")) for r in args.rows}  # "bf16_cl_inorm" -> {"bf16", "cl", "inorm"}
+    nets = {r: (instance_norm_modules(net) if "inorm" in parts[r] else copy.deepcopy(net)).to(memory_format=cl if "cl" in parts[r] else contiguous)
             for r in args.rows}
-    inputs = {r: x.contiguous(memory_format=cl if {"cl", "clin"} & set(parts(r)) else contiguous) for r in args.rows}
+    inputs = {r: x.contiguous(memory_format=cl if {"cl", "clin"} & parts[r] else contiguous) for r in args.rows}
 
     def call(row: str):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=row.startswith("bf16")):

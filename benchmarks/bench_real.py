@@ -15,20 +15,26 @@ shipped in the source distribution of TotalSegmentator 2.18.0 on PyPI (Apache-2.
   ``example_seg_dicom.nii.gz`` (label 52, stored with the y axis flipped: resampled onto the
   DICOM grid, which is exact).
 
+Tasks (``--task``): ``aorta`` (default), the one structure labelled in all three; ``organs``:
+liver, spleen, stomach and aorta (labels 1-4) on the two sources with a full "total" reference
+(``example`` and ``dicom``; the ``cta`` reference holds the aorta alone), so one training
+source per split, but structures that a short CPU training can learn.
+
 The references are TotalSegmentator's own outputs (its regression-test files), not manual
 contours. Each scan is written once as NIfTI on its own grid (no resampling; the DICOM series
-read with SimpleITK) with its aorta as label 1; a source whose reference does not survive the
-move voxel for voxel is refused.
+read with SimpleITK) with the task's structures as labels; a source whose reference does not
+survive the move voxel for voxel is refused.
 
-Protocol: train on every source but ``--holdout`` (default ``dicom``), segment the held-out
-scan, Dice of the aorta on the scan's own grid (``volseg.evaluation.evaluate``). Both sides get
+Protocol: train on every source of the task but ``--holdout`` (default ``dicom``), segment the
+held-out scan, mean Dice over the task's structures on the scan's own grid
+(``volseg.evaluation.evaluate``; per-structure Dice is reported too). Both sides get
 the same number of optimiser steps, patches per step and spacing (patch: see below); seeds ``--seeds``;
 training lengths ``--steps`` (each length is a fresh run). Each run is its own subprocess.
 
 * ``volseg``: the planner on the training sources (``volseg plan MANIFEST --memory GB``, run
   once in the parent), then ``volseg.training.train`` with that config, i.e. ``volseg train
   MANIFEST --config planned.yaml``; set over the plan: only ``train.epochs``,
-  ``train.steps_per_epoch``, ``train.seed``, ``data.val_fraction=0`` (every training scan
+  ``train.steps_per_epoch``, ``train.seed``, ``data.val_fraction=0``, ``data.min_cases=1`` (every training scan
   trains; ``best.pt`` then falls back to ``last.pt``), ``--spacing`` and ``--set``. Inference
   with ``Predictor.from_run`` and the run's ``infer`` settings.
 * ``monai``: MONAI's spleen segmentation tutorial (``spleen_segmentation_3d``), written out
@@ -44,6 +50,7 @@ training lengths ``--steps`` (each length is a fresh run). Each run is its own s
 
     python benchmarks/bench_real.py                 # the full run (see benchmarks/README.md)
     python benchmarks/bench_real.py --quick         # smoke test: a few steps, one seed
+    python benchmarks/bench_real.py --task organs --holdout dicom example
 """
 
 from __future__ import annotations
@@ -66,12 +73,22 @@ PACKAGE = "totalsegmentator==2.18.0"
 SDIST = "totalsegmentator-2.18.0.tar.gz"
 SDIST_SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"
 REF = "totalsegmentator-2.18.0/tests/reference_files/"
-AORTA = 52  # TotalSegmentator's "total" class map: 52 = aorta
-#: source -> (scan: a file or a DICOM folder, reference mask, the aorta's value in it)
+#: source -> (scan: a file or a DICOM folder, reference mask)
 SOURCES = {
-    "example": ("example_ct.nii.gz", "example_seg_fast_force_split.nii.gz", AORTA),
-    "cta": ("aorta_report/example_ct.nii.gz", "aorta_report/test_result/models/aorta.nii.gz", 1),
-    "dicom": ("example_ct_dicom", "example_seg_dicom.nii.gz", AORTA),
+    "example": ("example_ct.nii.gz", "example_seg_fast_force_split.nii.gz"),
+    "cta": ("aorta_report/example_ct.nii.gz", "aorta_report/test_result/models/aorta.nii.gz"),
+    "dicom": ("example_ct_dicom", "example_seg_dicom.nii.gz"),
+}
+# TotalSegmentator's "total" class map: 1 spleen, 5 liver, 6 stomach, 52 aorta
+TOTAL = {"liver": 5, "spleen": 1, "stomach": 6, "aorta": 52}
+#: task -> {"labels": our label values -> names, "sources": source -> {reference value -> our value}}
+#: ``aorta``: the one structure labelled in all three sources. ``organs``: four structures of
+#: the two full "total" references (the `cta` reference holds the aorta alone), so one training
+#: source per split, but organs whose Dice a short CPU training can move.
+TASKS = {
+    "aorta": {"labels": {1: "aorta"}, "sources": {"example": {52: 1}, "cta": {1: 1}, "dicom": {52: 1}}},
+    "organs": {"labels": {i + 1: n for i, n in enumerate(TOTAL)},
+               "sources": {s: {v: i + 1 for i, v in enumerate(TOTAL.values())} for s in ("example", "dicom")}},
 }
 SIDES = ("volseg", "monai")
 TUTORIAL_HU = (-57.0, 164.0)  # ScaleIntensityRanged window of MONAI's spleen tutorial
@@ -101,7 +118,7 @@ def fetch(cache: Path) -> Path:
 
 def _extract(sdist: Path, dest: Path) -> Path:
     """Unpack the reference files used here (not the whole sdist) into ``dest``."""
-    wanted = [REF + p for scan, ref, _ in SOURCES.values() for p in (scan, ref)]
+    wanted = [REF + p for scan, ref in SOURCES.values() for p in (scan, ref)]
     with tarfile.open(sdist) as tar:
         members = [m for m in tar.getmembers() if m.isfile() and any(m.name == w or m.name.startswith(w + "/") for w in wanted)]
         safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.12 and recent patch releases
@@ -119,56 +136,67 @@ def _scan(path: Path):
     return sitk.ReadImage(str(path))
 
 
-def prepare_source(ref_dir: Path, name: str, out: Path) -> dict:
+def prepare_source(ref_dir: Path, name: str, task: str, out: Path) -> dict:
     """One source as ``out/<name>.nii.gz`` (the scan, int16, its own grid) and
-    ``out/<name>_aorta.nii.gz`` (uint8, 1 = aorta, the same grid). The reference is moved onto
-    the scan's grid by nearest-neighbour resampling with the identity transform; the aorta must
-    keep its exact voxel count (the grids share spacing and differ by whole voxels or a flip),
-    else the source is refused."""
+    ``out/<name>_<task>.nii.gz`` (uint8, the task's label values, the same grid). The reference
+    is moved onto the scan's grid by nearest-neighbour resampling with the identity transform;
+    every structure must keep its exact voxel count (the grids share spacing and differ by whole
+    voxels or a flip), else the source is refused."""
     import numpy as np
     import SimpleITK as sitk
 
-    scan_rel, ref_rel, value = SOURCES[name]
+    scan_rel, ref_rel = SOURCES[name]
     scan = _scan(ref_dir / scan_rel)
     ref = sitk.ReadImage(str(ref_dir / ref_rel))
-    aorta = sitk.Cast(sitk.Equal(ref, value), sitk.sitkUInt8)
-    moved = sitk.Resample(aorta, scan, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    n_ref, n_moved = int(sitk.GetArrayViewFromImage(aorta).sum()), int(sitk.GetArrayViewFromImage(moved).sum())
-    if n_ref == 0 or n_moved != n_ref:
-        raise RuntimeError(f"{ref_rel}: aorta (value {value}) has {n_ref} voxels, {n_moved} after the move onto {scan_rel}'s grid; refusing it.")
+    values = sitk.GetArrayViewFromImage(ref)
+    mapped = np.zeros(values.shape, np.uint8)
+    for theirs, ours in TASKS[task]["sources"][name].items():
+        mapped[values == theirs] = ours
+    mapped_img = sitk.GetImageFromArray(mapped)
+    mapped_img.CopyInformation(ref)
+    moved = sitk.Resample(mapped_img, scan, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    moved_arr = sitk.GetArrayViewFromImage(moved)
+    voxels = {}
+    for theirs, ours in TASKS[task]["sources"][name].items():
+        n_ref, n_moved = int((mapped == ours).sum()), int((moved_arr == ours).sum())
+        if n_ref == 0 or n_moved != n_ref:
+            raise RuntimeError(f"{ref_rel}: value {theirs} has {n_ref} voxels, {n_moved} after the move onto {scan_rel}'s grid; refusing it.")
+        voxels[TASKS[task]["labels"][ours]] = n_ref
     arr = sitk.GetArrayViewFromImage(scan)
     if arr.min() < -32768 or arr.max() > 32767 or not np.array_equal(arr, np.round(arr)):
         raise RuntimeError(f"{scan_rel}: values {arr.min()}..{arr.max()} do not fit int16 HU.")
-    image, label = out / f"{name}.nii.gz", out / f"{name}_aorta.nii.gz"
+    image, label = out / f"{name}.nii.gz", out / f"{name}_{task}.nii.gz"
     sitk.WriteImage(sitk.Cast(scan, sitk.sitkInt16), str(image), useCompression=True)
     sitk.WriteImage(moved, str(label), useCompression=True)
-    return {"image": str(image), "label": str(label), "voxels": n_ref, "size": list(scan.GetSize()),
+    return {"image": str(image), "label": str(label), "voxels": voxels, "size": list(scan.GetSize()),
             "spacing_mm": [round(s, 4) for s in scan.GetSpacing()]}  # fmt: skip
 
 
-def prepare(cache: Path, holdout: str) -> Path:
-    """The dataset under ``cache/aorta/``: the NIfTI pairs and a ``dataset.json`` whose
-    ``training`` are the other sources and whose ``test`` (with its label) is ``holdout``."""
-    data = cache / "aorta"
+def prepare(cache: Path, task: str, holdout: str) -> Path:
+    """The task's dataset under ``cache/<task>/``: the NIfTI pairs and a ``dataset.json`` whose
+    ``training`` are the task's other sources and whose ``test`` (with its label) is ``holdout``."""
+    names = list(TASKS[task]["sources"])
+    data = cache / task
     data.mkdir(parents=True, exist_ok=True)
     sources_json = data / "sources.json"
     if not sources_json.is_file():
         with tempfile.TemporaryDirectory(prefix="volseg_real_") as tmp:
             ref_dir = _extract(fetch(cache), Path(tmp))
-            sources = {name: prepare_source(ref_dir, name, data) for name in SOURCES}
+            sources = {name: prepare_source(ref_dir, name, task, data) for name in names}
         sources_json.write_text(json.dumps(sources, indent=2), encoding="utf-8")
     sources = json.loads(sources_json.read_text(encoding="utf-8"))
     entry = lambda n: {"image": sources[n]["image"], "label": sources[n]["label"]}  # noqa: E731
     manifest = {
-        "name": f"aorta-holdout-{holdout}", "description": f"aorta on real CT from {SDIST}; test = {holdout}",
-        "modality": {"0": "CT"}, "labels": {"0": "background", "1": "aorta"},
-        "training": [entry(n) for n in SOURCES if n != holdout], "test": [entry(holdout)],
+        "name": f"{task}-holdout-{holdout}", "description": f"{task} on real CT from {SDIST}; test = {holdout}",
+        "modality": {"0": "CT"}, "labels": {"0": "background", **{str(v): n for v, n in TASKS[task]["labels"].items()}},
+        "training": [entry(n) for n in names if n != holdout], "test": [entry(holdout)],
     }  # fmt: skip
     path = data / f"dataset_holdout_{holdout}.json"
     path.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     for name, s in sources.items():
         role = "test " if name == holdout else "train"
-        print(f"  {role} {name:8s} {s['size']} at {s['spacing_mm']} mm, aorta {s['voxels']} voxels", flush=True)
+        voxels = s["voxels"] if isinstance(s["voxels"], dict) else {"aorta": s["voxels"]}  # sources.json written before tasks
+        print(f"  {role} {name:8s} {s['size']} at {s['spacing_mm']} mm, voxels {voxels}", flush=True)
     return path
 
 
@@ -232,11 +260,11 @@ def tutorial_patch(patch: Sequence[int]) -> List[int]:
     return [-(-int(p) // 16) * 16 for p in patch]
 
 
-def _tutorial_model():
+def _tutorial_model(classes: int):
     from monai.networks.layers import Norm
     from monai.networks.nets import UNet
 
-    return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2, norm=Norm.BATCH)
+    return UNet(spatial_dims=3, in_channels=1, out_channels=classes, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2, norm=Norm.BATCH)
 
 
 def _tutorial_train(job: dict, spacing, patch):
@@ -251,7 +279,7 @@ def _tutorial_train(job: dict, spacing, patch):
     ds = CacheDataset(job["files"], _tutorial_transforms(spacing, patch, job["batch"]), cache_rate=1.0, num_workers=0, progress=False)
     loader = DataLoader(ds, batch_size=1, shuffle=True, num_workers=0)
     dev = torch.device(job["device"])
-    model = _tutorial_model().to(dev)
+    model = _tutorial_model(job["classes"]).to(dev)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(model.parameters(), 1e-4)
     model.train()
@@ -301,17 +329,18 @@ def _worker(side: str, job_path: str) -> None:
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     result = (_run_volseg if side == "volseg" else _run_monai)(job)
-    result["dice"] = dice(result["prediction"], job["test_label"])
+    result["dice_per_label"] = dice(result["prediction"], job["test_label"], job["labels"])
+    result["dice"] = statistics.mean(result["dice_per_label"].values())
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def dice(prediction: str, reference: str) -> float:
-    """Aorta Dice on the held-out scan's own grid, by ``volseg.evaluation.evaluate`` (which
-    refuses a prediction whose grid differs from the reference's)."""
+def dice(prediction: str, reference: str, labels: Dict[str, str]) -> Dict[str, float]:
+    """Dice per structure on the held-out scan's own grid, by ``volseg.evaluation.evaluate``
+    (which refuses a prediction whose grid differs from the reference's)."""
     from volseg.evaluation import evaluate
 
-    (row,) = evaluate(prediction, reference, labels={0: "background", 1: "aorta"}).rows
-    return float(row["dice"])
+    rows = evaluate(prediction, reference, labels={0: "background", **{int(v): n for v, n in labels.items()}}).rows
+    return {row["class"]: float(row["dice"]) for row in rows}
 
 
 # --------------------------------------------------------------------------- parent
@@ -340,11 +369,12 @@ def _jobs(manifest: Path, cfg, args, work: Path, steps: int, seed: int) -> Dict[
 
     man = load_manifest(manifest)
     epochs, per_epoch = (steps // STEPS_PER_EPOCH, STEPS_PER_EPOCH) if steps % STEPS_PER_EPOCH == 0 else (1, steps)
-    cfg = replace(cfg, train={"epochs": epochs, "steps_per_epoch": per_epoch, "seed": seed}, data={"val_fraction": 0.0})
+    cfg = replace(cfg, train={"epochs": epochs, "steps_per_epoch": per_epoch, "seed": seed}, data={"val_fraction": 0.0, "min_cases": 1})
     (test,) = man.test
     common = {"manifest": str(manifest), "config": to_dict(cfg), "test_image": str(test.images[0]), "test_label": str(test.label),
               "files": [{"image": str(c.images[0]), "label": str(c.label)} for c in man.training], "steps": steps, "seed": seed,
-              "batch": cfg.train.batch_size, "threads": args.threads, "device": args.device}  # fmt: skip
+              "batch": cfg.train.batch_size, "threads": args.threads, "device": args.device,
+              "labels": {str(v): n for v, n in man.labels.items() if v != 0}, "classes": len(man.labels)}  # fmt: skip
     return {side: dict(common, out_dir=str(work / f"{side}_{steps}_seed{seed}")) for side in SIDES}
 
 
@@ -383,12 +413,17 @@ def report(results: Dict[int, Dict[str, List[dict]]]) -> str:
             mean = lambda k: f"{statistics.mean(r[k] for r in ok):.0f}" if ok else "-"  # noqa: E731
             lines.append(f"| {steps} | {side} | {per_seed} | {_mean_sd([r['dice'] for r in ok])} | {mean('train_s')} | {mean('infer_s')} |")
     lines.append("")
+    for steps, sides in results.items():  # per structure, when the task has several
+        for side, runs in sides.items():
+            ok = [r["dice_per_label"] for r in runs if "error" not in r]
+            if ok and len(ok[0]) > 1:
+                lines.append(f"{steps} steps, {side}: mean Dice per structure " + ", ".join(f"{k} {statistics.mean(d[k] for d in ok):.3f}" for k in ok[0]))
     for steps, sides in results.items():
         pairs = [(v, m) for v, m in zip(sides.get("volseg", []), sides.get("monai", [])) if "error" not in v and "error" not in m]
         margins = ", ".join(f"{v['dice'] - m['dice']:+.3f}" for v, m in pairs)
         ahead = pairs and len(pairs) == len(sides["volseg"]) == len(sides["monai"]) and all(v["dice"] > m["dice"] for v, m in pairs)
         best = max([r["dice"] for runs in sides.values() for r in runs if "error" not in r] or [0.0])
-        idle = f" (but no run reaches Dice {LEARNED}: neither segments the aorta yet, so this says nothing)" if best < LEARNED else ""
+        idle = f" (but no run reaches Dice {LEARNED}: neither segments the task yet, so this says nothing)" if best < LEARNED else ""
         lines.append(f"{steps} steps: volseg - monai Dice per seed: {margins or '-'}; volseg ahead on every seed: {'yes' if ahead else 'no'}{idle}")
     lengths = sorted(results)
     for side in sorted(results[lengths[0]], key=SIDES.index) if len(lengths) > 1 else ():
@@ -401,6 +436,8 @@ def report(results: Dict[int, Dict[str, List[dict]]]) -> str:
 def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "volseg-bench", help="download and data folder (default ~/.cache/volseg-bench)")
+    p.add_argument("--task", choices=sorted(TASKS), default="aorta",
+                   help="aorta (3 sources) or organs (liver, spleen, stomach, aorta; the sources example and dicom); default aorta")
     p.add_argument("--holdout", choices=sorted(SOURCES), nargs="+", default=["dicom"],
                    help="the source(s) held out for testing, one experiment each (default dicom)")
     p.add_argument("--steps", type=int, nargs="+", default=[150, 600],
@@ -423,6 +460,9 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if args.quick:
         args.steps, args.seeds = [4, 8], [0]
         args.set = ["data.patch_size=[32,32,32]"] + args.set
+    wrong = sorted(set(args.holdout) - set(TASKS[args.task]["sources"]))
+    if wrong:
+        p.error(f"--holdout {' '.join(wrong)}: the {args.task} task's sources are {', '.join(TASKS[args.task]['sources'])}")
     if min(args.steps) < 1 or args.spacing < 0:
         p.error(f"--steps {args.steps}: every length must be >= 1; --spacing {args.spacing} must be >= 0 mm")
     if args.spacing:
@@ -432,8 +472,8 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def experiment(holdout: str, args: argparse.Namespace) -> Dict[int, Dict[str, List[dict]]]:
     """Plan on the other sources, run every length x seed x pipeline, print the report."""
-    print(f"data: aorta on real CT, {SDIST}, held out: {holdout}", flush=True)
-    manifest = prepare(args.cache, holdout)
+    print(f"data: {args.task} on real CT, {SDIST}, held out: {holdout}", flush=True)
+    manifest = prepare(args.cache, args.task, holdout)
     with tempfile.TemporaryDirectory(prefix="volseg_bench_real_") as tmp:
         cfg = plan(manifest, Path(tmp), args.memory, args.set, args.device)
         print(f"plan (--memory {args.memory:g}{', ' + ' '.join(args.set) if args.set else ''}): spacing {list(cfg.data.spacing)} mm, "

@@ -201,7 +201,8 @@ def validate_cases(manifest: Manifest, cases: Sequence[Case], min_cases: int = 1
     Decathlon's multi-modal layout); the total must equal the manifest's ``modality`` count."""
     problems: List[str] = []
     if len(cases) < min_cases:
-        problems.append(f"{len(cases)} labelled case(s), need at least {min_cases}")
+        problems.append(f"{len(cases)} labelled case(s), need at least {min_cases} (data.min_cases; set it lower to train on fewer, "
+                        "e.g. with data.val_fraction=0)")
     n_ch = len(manifest.modalities)
     for case in cases:
         n_before = len(problems)

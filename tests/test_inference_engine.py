@@ -104,6 +104,19 @@ def test_each_window_is_computed_once():
     assert len(calls) == 9  # z starts 0, 4, ..., 32: (40 - 8) / 4 + 1
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_window_softmax_is_in_place_and_equals_torch(layout):
+    """The window stage's peak is its (B, K, *roi) arrays: the softmax reuses the logits' array."""
+    from volseg.inference.predictor import _softmax_
+
+    x = (torch.randn(3, 7, 6, 5, 4) * 20).contiguous(memory_format=layout)
+    ref = torch.softmax(x, 1)
+    ptr = x.data_ptr()
+    out = _softmax_(x)
+    assert out.data_ptr() == ptr
+    torch.testing.assert_close(out, ref)
+
+
 def test_resample_linear_matches_simpleitk():
     """The torch resampler (CPU here, the same code on CUDA) equals SimpleITK's linear
     resampling on axis-aligned grids, interior and edges (nearest extrapolation)."""

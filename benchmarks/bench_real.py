@@ -195,8 +195,7 @@ def prepare(cache: Path, task: str, holdout: str) -> Path:
     path.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     for name, s in sources.items():
         role = "test " if name == holdout else "train"
-        voxels = s["voxels"] if isinstance(s["voxels"], dict) else {"aorta": s["voxels"]}  # sources.json written before tasks
-        print(f"  {role} {name:8s} {s['size']} at {s['spacing_mm']} mm, voxels {voxels}", flush=True)
+        print(f"  {role} {name:8s} {s['size']} at {s['spacing_mm']} mm, voxels {s['voxels']}", flush=True)
     return path
 
 

@@ -9,10 +9,18 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from volseg.config import load_config
+from volseg.config import AugmentConfig, load_config
 from volseg.data.io import read_image, read_label, write_image
 from volseg.data.manifest import ManifestError, load_manifest, split_cases, validate_cases
 from volseg.data.preprocess import Plan, make_plan, preprocess, restore_labels
+
+#: every augmentation's probability key
+AUG_PROBS = [f for f in AugmentConfig.__dataclass_fields__ if f.endswith("_prob")]
+
+
+def _augment(prob: float, but: str = "") -> list:
+    """``--set`` overrides putting every augmentation's probability to ``prob``, except ``but``."""
+    return [f"augment.{k}={prob}" for k in AUG_PROBS if k != but]
 
 
 def _img(arr_zyx, spacing=(1.0, 1.0, 1.0), direction=None, origin=(0.0, 0.0, 0.0)):
@@ -163,8 +171,7 @@ def _patch_hits(ratios, n=120):
     lab[0, 30:33, 30:33, 30:33] = 2  # 27 voxels, far from class 1
     plan = Plan(spacing=(1, 1, 1), orientation="RAS", channels=("MR",), norms=(), label_values=(0, 1, 2), label_names=("bg", "a", "b"),
                 spatial_dims=3, patch_size=(8, 8, 8), slice_axis=2)
-    off = [f"augment.{k}=0" for k in ("elastic_prob", "rotate_prob", "scale_prob", "flip_prob", "intensity_scale_prob", "intensity_shift_prob", "noise_prob", "contrast_prob")]
-    cfg = load_config(None, ["data.patch_size=[8,8,8]", f"data.class_ratios={list(ratios)}"] + off)
+    cfg = load_config(None, ["data.patch_size=[8,8,8]", f"data.class_ratios={list(ratios)}"] + _augment(0))
     item = cached_transforms(plan)({"image": np.zeros((1, 40, 40, 40), np.float32), "label": lab})
     t = random_transforms(plan, cfg, num_samples=n)
     t.set_random_state(0)
@@ -197,15 +204,72 @@ def test_kfold_split_partitions_cases(tiny_dataset):
         load_config(None, ["data.folds=2", "data.fold=2"])
 
 
+def test_slab_augmentation_thins_the_patch_as_inference_pads_a_thin_scan():
+    """augment.slab_prob: a patch cut to a slab along the slice axis (>= 1/6 of its depth) and
+    padded back with repeated edge slices, image and label alike; off: every slice differs."""
+    import torch
+
+    from volseg.data.transforms import SLAB_MIN, cached_transforms, random_transforms
+
+    plan = Plan(spacing=(1, 1, 1), orientation="RAS", channels=("MR",), norms=(), label_values=(0, 1), label_names=("bg", "a"),
+                spatial_dims=3, patch_size=(8, 8, 12), slice_axis=2)
+    image = torch.arange(20 * 20 * 30, dtype=torch.float32).reshape(1, 20, 20, 30)  # every z slice distinct
+    label = (image % 7 == 0).to(torch.uint8)
+    item = cached_transforms(plan)({"image": image, "label": label})
+
+    def distinct_slices(prob):
+        t = random_transforms(plan, load_config(None, ["data.patch_size=[8,8,12]", f"augment.slab_prob={prob}"] + _augment(0, but="slab_prob")), 40)
+        t.set_random_state(0)
+        counts = []
+        for p in t(item):
+            img, lab = torch.as_tensor(p["image"]), torch.as_tensor(p["label"])
+            assert img.shape == lab.shape == (1, 8, 8, 12)
+            same = [torch.equal(img[..., z], img[..., z + 1]) for z in range(11)]
+            assert same == [torch.equal(lab[..., z], lab[..., z + 1]) for z in range(11)]  # the label repeats where the image does
+            counts.append(12 - sum(same))
+        return counts
+
+    thin = distinct_slices(1.0)
+    assert min(thin) >= int(np.ceil(12 * SLAB_MIN)) and min(thin) < 12 and len(set(thin)) > 3
+    assert set(distinct_slices(0.0)) == {12}
+
+
+def test_label_intensity_offsets_each_structure_alone():
+    """RandLabelIntensityd: one offset per structure, within the range, on every channel;
+    background and the input untouched; seeded; prob 0 is the identity."""
+    import torch
+
+    from volseg.data.transforms import RandLabelIntensityd
+
+    rng = np.random.default_rng(0)
+    image = torch.as_tensor(rng.normal(size=(2, 10, 10, 10)), dtype=torch.float32)
+    label = torch.zeros(1, 10, 10, 10, dtype=torch.uint8)
+    label[0, :3], label[0, 6:] = 1, 3  # class 2 absent from this patch
+    original = image.clone()
+    seen = []
+    for seed in (0, 1, 0):
+        t = RandLabelIntensityd(1.0, 0.5)
+        t.set_random_state(seed)
+        out = t({"image": image, "label": label})["image"]
+        diff = out - image
+        assert torch.equal(image, original)
+        assert torch.equal(diff[:, 3:6], torch.zeros_like(diff[:, 3:6]))
+        offsets = [diff[:, sl] for sl in (slice(0, 3), slice(6, 10))]
+        for d in offsets:
+            assert torch.allclose(d, d.flatten()[0].expand_as(d), atol=1e-6) and 0 < abs(float(d.flatten()[0])) <= 0.5
+        assert abs(float(offsets[0].flatten()[0] - offsets[1].flatten()[0])) > 1e-4
+        seen.append([round(float(d.flatten()[0]), 6) for d in offsets])
+    assert seen[0] == seen[2] != seen[1]
+    assert torch.equal(RandLabelIntensityd(0.0, 0.5)({"image": image, "label": label})["image"], image)
+
+
 @pytest.mark.parametrize("dims, patch", [(3, [32, 32, 16]), (2, [32, 32])])
 def test_every_augmentation_on_keeps_shapes_and_labels(dims, patch):
     from volseg.data.transforms import cached_transforms, random_transforms
 
     plan = Plan(spacing=(1, 1, 1), orientation="RAS", channels=("MR",), norms=(), label_values=(0, 1), label_names=("bg", "a"),
                 spatial_dims=dims, patch_size=tuple(patch), slice_axis=2)
-    probs = [f"augment.{k}=1" for k in ("elastic_prob", "rotate_prob", "scale_prob", "flip_prob", "intensity_scale_prob", "intensity_shift_prob",
-                                         "noise_prob", "contrast_prob", "blur_prob", "bias_field_prob", "lowres_prob")]
-    cfg = load_config(None, [f"model.spatial_dims={dims}", f"data.patch_size={patch}"] + probs)
+    cfg = load_config(None, [f"model.spatial_dims={dims}", f"data.patch_size={patch}"] + _augment(1))
     lab = np.zeros((1, 40, 40, 30), np.uint8)
     lab[0, 10:30, 10:30, 5:25] = 1
     item = cached_transforms(plan)({"image": np.random.default_rng(0).random((1, 40, 40, 30), dtype=np.float32), "label": lab})
@@ -340,9 +404,7 @@ def test_no_left_right_mirroring_for_lateral_labels(names, orientation, dims, fl
     plan = Plan(spacing=(1, 1, 1), orientation=orientation, channels=("MR",), norms=(), label_values=(0, 1, 2), label_names=names,
                 spatial_dims=dims, patch_size=patch, slice_axis=2)
     assert mirror_axes(plan) == list(flipped)
-    probs = [f"augment.{k}=0" for k in ("elastic_prob", "rotate_prob", "scale_prob", "intensity_scale_prob", "intensity_shift_prob",
-                                         "noise_prob", "contrast_prob", "blur_prob", "bias_field_prob", "lowres_prob")]
-    cfg = load_config(None, [f"model.spatial_dims={dims}", f"data.patch_size={list(patch)}", "augment.flip_prob=1"] + probs)
+    cfg = load_config(None, [f"model.spatial_dims={dims}", f"data.patch_size={list(patch)}", "augment.flip_prob=1"] + _augment(0, but="flip_prob"))
     image = torch.arange(8 * 8 * (8 if dims == 3 else 1), dtype=torch.float32).reshape(1, 8, 8, -1)
     label = torch.ones(1, *image.shape[1:], dtype=torch.uint8)
     out = random_transforms(plan, cfg, 1)(cached_transforms(plan)({"image": image, "label": label}))[0]["image"]

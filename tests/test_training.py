@@ -250,7 +250,8 @@ def test_augmentation_never_writes_into_the_memory_cache(tiny_dataset):
 
     man = load_manifest(tiny_dataset)
     cfg = load_config(None, TINY + ["augment.rotate_prob=1", "augment.scale_prob=1", "augment.elastic_prob=1", "augment.flip_prob=1",
-                                    "augment.noise_prob=1", "augment.intensity_scale_prob=1", "augment.intensity_shift_prob=1"])
+                                    "augment.noise_prob=1", "augment.intensity_scale_prob=1", "augment.intensity_shift_prob=1",
+                                    "augment.label_intensity_prob=1", "augment.slab_prob=1"])
     plan = make_plan(man, man.training[:2], cfg)
     ds, _, _ = build_datasets(man.training[:2], (), plan, cfg, Path("unused"), 2)
     before = [{k: torch.as_tensor(v).clone() for k, v in c.items() if k in ("image", "label")} for c in ds._cache]

@@ -189,8 +189,13 @@ class AugmentConfig:
     """Augmentation probabilities (each applied independently per sample) and ranges.
 
     Besides geometry, the intensity set targets scanner/site shift: scale/shift, gamma contrast,
-    Gaussian noise and blur, a smooth multiplicative bias field (MRI inhomogeneity) and simulated
-    low resolution (thick slices, other spacings)."""
+    per-structure offsets (contrast phases: an organ brighter or darker than in
+    training, its surroundings not), Gaussian noise and blur, a smooth multiplicative bias field
+    (MRI inhomogeneity) and simulated low resolution (thick slices, other spacings).
+
+    ``slab_prob`` (3D only): the patch is cut to a random slab along ``data.slice_axis``, 1/6
+    of its depth or more, and padded back with repeated edge slices, which is what inference
+    does with a scan thinner than the window (a 20-slice series, a limited field of view)."""
 
     elastic_prob: float = 0.2
     elastic_sigma: Tuple[float, float] = (5.0, 8.0)
@@ -205,9 +210,12 @@ class AugmentConfig:
     noise_prob: float = 0.15
     noise_std: float = 0.1
     contrast_prob: float = 0.2
+    label_intensity_prob: float = 0.3
+    label_intensity_range: float = 1.5
     blur_prob: float = 0.1
     bias_field_prob: float = 0.1
     lowres_prob: float = 0.1
+    slab_prob: float = 0.3
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -216,6 +224,7 @@ class AugmentConfig:
         _positive("augment.rotate_range_deg", self.rotate_range_deg, allow_zero=True)
         _positive("augment.scale_range", self.scale_range, allow_zero=True)
         _positive("augment.noise_std", self.noise_std, allow_zero=True)
+        _positive("augment.label_intensity_range", self.label_intensity_range, allow_zero=True)
 
 
 @dataclass(frozen=True)

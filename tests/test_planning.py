@@ -79,6 +79,23 @@ def test_bigger_memory_budget_gives_a_bigger_patch(iso):
     assert measure_step_memory(small, 1, 4, (32, 32, 32), 2) < measure_step_memory(ModelConfig(features=(16, 32)), 1, 4, (32, 32, 32), 2)
 
 
+def test_a_spacing_override_is_planned_at_not_pasted_over(iso, tmp_path):
+    """``--set data.spacing`` (``volseg train`` without --config, ``volseg plan``): patch and
+    depth are fitted to that spacing, so the patch covers the same field of view as the data,
+    not the median-spacing patch's voxel count at 3x the millimetres."""
+    from volseg.data.planning import plan_manifest
+
+    man, fp = iso
+    median = plan_config(fp, man, memory_gb=1.0)[0]
+    coarse = plan_manifest(man, tmp_path / "planned.yaml", memory_gb=1.0, overrides=["data.spacing=[4.5,4.5,4.5]", "train.epochs=3"])
+    assert coarse.data.spacing == (4.5, 4.5, 4.5) and coarse.train.epochs == 3
+    assert coarse.data.patch_size == plan_config(fp, man, memory_gb=1.0, spacing=(4.5, 4.5, 4.5))[0].data.patch_size
+    # the 48 x 48 x 40-voxel cases at 1.5 mm are about 18 x 18 x 14 at 4.5 mm: the patch shrinks with them
+    assert median.data.patch_size[2] >= 40 and max(coarse.data.patch_size) <= 18
+    written = (tmp_path / "planned.yaml").read_text(encoding="utf-8")
+    assert "spacing: [4.5, 4.5, 4.5]  # mm, (x, y, z) in RAS order; set by the user" in written
+
+
 def test_depth_lets_the_bottleneck_see_the_patch(iso):
     from volseg.nets import receptive_field
 

@@ -317,12 +317,17 @@ def _normalisation(fp: dict) -> str:
     return "auto; " + "; ".join(parts)
 
 
-def plan_config(fp: dict, manifest: Manifest, memory_gb: Optional[float] = None, device: str = "cpu") -> Tuple[Config, Comments]:
+def plan_config(fp: dict, manifest: Manifest, memory_gb: Optional[float] = None, device: str = "cpu",
+                spacing: Optional[Sequence[float]] = None) -> Tuple[Config, Comments]:
     """The planned :class:`Config` for fingerprint ``fp`` of ``manifest``'s cases and a
     one-line reason per planned key (``{(section, key): comment}``). ``device``: ``cpu`` or
-    ``cuda`` (where the budget and the dry pass come from)."""
+    ``cuda`` (where the budget and the dry pass come from). ``spacing`` (mm, x y z): the
+    user's target spacing instead of the planned one; patch, batch and depth are fitted to it."""
     n_in, n_out = len(manifest.modalities), (1 if len(manifest.labels) == 2 else len(manifest.labels))
-    spacing, thick, spacing_why = _target_spacing(fp)
+    if spacing is None:
+        spacing, thick, spacing_why = _target_spacing(fp)
+    else:
+        spacing, thick, spacing_why = tuple(float(s) for s in spacing), None, "set by the user (data.spacing); the patch and depth below fit it"
     budget, budget_why = _memory_budget(memory_gb, device)
     best, patch_why, batch_why = _patch_and_batch(fp, spacing, budget, device, n_in, n_out)
     ratios, ratios_why = _class_ratios(fp)
@@ -399,6 +404,9 @@ def plan_manifest(manifest: Manifest, output: Union[str, Path], memory_gb: Optio
     validate_cases(manifest, manifest.training, min_cases=1)
     log.info("fingerprinting %d training cases of %s", len(manifest.training), manifest.path)
     fp = dict(manifest=str(manifest.path), **fingerprint(manifest, manifest.training))
-    cfg, comments = plan_config(fp, manifest, memory_gb=memory_gb, device=device)
+    # a spacing override is planned at: a patch and depth fitted to another spacing would cover
+    # another field of view (a 160 x 160 x 8 patch planned at 1 x 1 x 2 mm is 720 x 720 x 36 mm at 4.5 mm)
+    spacing = from_dict(apply_overrides({}, overrides)).data.spacing if overrides else None
+    cfg, comments = plan_config(fp, manifest, memory_gb=memory_gb, device=device, spacing=spacing)
     write_plan(cfg, comments, fp, output, fingerprint_path)
     return from_dict(apply_overrides(to_dict(cfg), overrides)) if overrides else cfg

@@ -35,8 +35,9 @@ training lengths ``--steps`` (each length is a fresh run). Each run is its own s
   once in the parent), then ``volseg.training.train`` with that config, i.e. ``volseg train
   MANIFEST --config planned.yaml``; set over the plan: only ``train.epochs``,
   ``train.steps_per_epoch``, ``train.seed``, ``data.val_fraction=0``, ``data.min_cases=1`` (every training scan
-  trains; ``best.pt`` then falls back to ``last.pt``), ``--spacing`` and ``--set``. Inference
-  with ``Predictor.from_run`` and the run's ``infer`` settings.
+  trains; ``best.pt`` then falls back to ``last.pt``) and ``--set``; ``--spacing`` goes to the
+  planner, which fits patch, batch and depth to it. Inference with ``Predictor.from_run`` and
+  the run's ``infer`` settings.
 * ``monai``: MONAI's spleen segmentation tutorial (``spleen_segmentation_3d``), written out
   plainly: ``LoadImaged`` -> ``EnsureChannelFirstd`` -> ``ScaleIntensityRanged(-57, 164 HU ->
   0..1, clip)`` -> ``CropForegroundd`` -> ``Orientationd(RAS)`` -> ``Spacingd`` ->
@@ -444,7 +445,7 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
     p.add_argument("--memory", type=float, default=0.5,
                    help="volseg planner's memory budget in GB (`volseg plan --memory`; default 0.5: a CPU-sized patch)")
-    p.add_argument("--spacing", type=float, default=4.5, help="isotropic spacing in mm for both sides, over the plan's (default 4.5: "
+    p.add_argument("--spacing", type=float, default=4.5, help="isotropic spacing in mm for both sides, planned at (default 4.5: "
                    "the planned median, 2.25 mm, is too slow on a CPU); 0 keeps the plan's")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override on volseg's planned config, repeatable; "
                    "data.spacing and data.patch_size also reach the MONAI side")  # fmt: skip

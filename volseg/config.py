@@ -131,6 +131,8 @@ class DataConfig:
     ``folds``/``fold``: k-fold cross-validation (``fold`` of ``folds`` held out); 0 folds holds
     out ``val_fraction`` instead (at least one case, but never leaving fewer than three to
     train: 2-3 scans all train). A manifest's explicit ``validation`` list wins over both.
+    ``slice_axis``: the axis that 2D slice mode slices along and that ``augment.slab_prob``
+    thins (2 = axial in RAS; the planner sets the thick axis of thick-slice data).
     ``class_ratios``: relative sampling frequency of patch centres per label value (background
     first); ``None`` means background 1 and every foreground class 1.
     ``cache``: ``memory`` | ``disk`` | ``none`` (see :mod:`volseg.training.data`); ``cache_dir``:

@@ -125,10 +125,12 @@ def random_transforms(plan: Plan, cfg: Config, num_samples: int):
         T.RandSimulateLowResolutiond(keys="image", prob=a.lowres_prob, zoom_range=(0.5, 1.0), upsample_mode="trilinear" if dims == 3 else "bilinear"),
     ]
     if dims == 3 and a.slab_prob > 0:
-        # last, so the repeated slices are identical, as inference's padding makes them
+        # last, so the repeated slices are identical, as inference's padding makes them; the
+        # slab is the patch's centre (the voxel the class-balanced crop drew stays in it), and
+        # the symmetric pad puts it mid-window, where inference puts a thin scan
         full = list(plan.patch_size)
         thin = [max(1, math.ceil(n * SLAB_MIN)) if i == plan.slice_axis else n for i, n in enumerate(full)]
-        slab = T.Compose([T.RandSpatialCropd(keys=keys, roi_size=thin, max_roi_size=full, random_size=True),
+        slab = T.Compose([T.RandSpatialCropd(keys=keys, roi_size=thin, max_roi_size=full, random_size=True, random_center=False),
                           T.SpatialPadd(keys=keys, spatial_size=full, mode="replicate")])  # fmt: skip
         chain.append(T.OneOf([slab, T.Identityd(keys=keys)], weights=[a.slab_prob, 1 - a.slab_prob]))
     chain += [

@@ -200,8 +200,8 @@ class AugmentConfig:
     structures keep their shape but change brightness between sources (contrast phases; the
     spleen of benchmarks/README.md's organ split, 0 -> 0.14).
 
-    ``slab_prob`` (3D only): the patch is cut to a random slab along ``data.slice_axis``, 1/6
-    of its depth or more, and padded back with repeated edge slices, which is what inference
+    ``slab_prob`` (3D only): the patch is cut to its central slab along ``data.slice_axis``, of
+    a random depth of 1/6 of the patch's or more, and padded back with repeated edge slices, which is what inference
     does with a scan thinner than the window (a 20-slice series, a limited field of view). Off
     by default: at 0.3 (with the slab drawn anywhere in the patch) the demo's small lesion was
     never learned (Dice 0 against 0.66 without); on thin slabs of a training scan it raised an

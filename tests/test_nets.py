@@ -10,7 +10,7 @@ import torch
 
 from volseg import config as vcfg
 from volseg.config import ConfigError, ModelConfig, load_config
-from volseg.nets import NETWORKS, build_network, count_parameters, receptive_field, required_multiple, summarize
+from volseg.nets import NETWORKS, build_network, count_parameters, receptive_field, summarize
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = (4, 8, 16, 32)
@@ -136,18 +136,56 @@ def test_seed_summary_and_geometry():
     cfg = seed(2)
     text = summarize(cfg)
     assert "parameters: 31,030,593" in text.splitlines()
-    assert required_multiple(cfg) == 16 == 2 ** (len(cfg.features) - 1)
-    assert f"receptive field: {receptive_field(cfg)}" in text
+    assert cfg.input_multiple == (16, 16) == (2 ** (len(cfg.features) - 1),) * 2
+    assert "required input multiple: 16 x 16" in text
+    assert f"receptive field: {receptive_field(cfg)[0]} x {receptive_field(cfg)[1]} voxels" in text
 
 
-@pytest.mark.parametrize("variant", ["unet", "nested"])
-def test_receptive_field_matches_gradient_probe(variant):
-    """Probe a 5-level net (the seed's depth) with tiny widths: the input extent with non-zero
-    gradient for an output pixel, maximised over the 16 alignments to the pooling grid."""
+@pytest.mark.parametrize("variant", sorted(NETWORKS))
+def test_anisotropic_pooling_keeps_an_axis(variant):
+    """``model.pooling`` 1 on an axis: that axis keeps its size at that level (thick slices);
+    the output still has the input's shape and deep supervision's outputs the levels' scales."""
     torch.manual_seed(0)
-    cfg = ModelConfig(variant=variant, spatial_dims=2, features=(2,) * 5, norm="none", act="leakyrelu")
+    cfg = tiny(variant=variant, deep_supervision=True, pooling=((2, 2, 1), (2, 2, 1), (2, 2, 2)))
+    assert cfg.input_multiple == (8, 8, 2)
+    model = build_network(cfg, out_channels=2).train()
+    seen = []
+    model.encoders[-1].register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[2:])))
+    x = torch.randn(1, 1, 33, 34, 5)
+    out = model(x)
+    assert seen == [(5, 5, 3)]  # padded to 40 x 40 x 6, pooled by 8 x 8 x 2
+    scales = [(1, 1, 1)] * 3 if variant == "nested" else [(1, 1, 1), (2, 2, 1), (4, 4, 1)]
+    assert [tuple(o.shape[2:]) for o in out] == [tuple(math.ceil(s / f) for s, f in zip(x.shape[2:], sc)) for sc in scales]
+    sum(o.square().mean() for o in out).backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
+
+
+def test_default_pooling_is_two_everywhere_and_loads_old_checkpoints():
+    """``pooling: None`` builds the same network as pooling 2 on every axis: same parameter
+    names and shapes (checkpoints from before the key load) and the same output."""
+    torch.manual_seed(0)
+    old = build_network(tiny()).eval()
+    new = build_network(tiny(pooling=((2, 2, 2),) * 3)).eval()
+    new.load_state_dict(old.state_dict())
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(old(x), new(x))
+    with pytest.raises(ConfigError, match=r"model.pooling=\[\[2, 2, 2\]\] must have 3 entries"):
+        tiny(pooling=((2, 2, 2),))
+    with pytest.raises(ConfigError, match=r"factors \[3\]; allowed: 1 .* or 2"):
+        tiny(pooling=((2, 2, 3), (2, 2, 2), (2, 2, 2)))
+
+
+@pytest.mark.parametrize("variant, pooling", [("unet", None), ("nested", None), ("unet", ((2, 1), (2, 2), (2, 1), (2, 2)))])
+def test_receptive_field_matches_gradient_probe(variant, pooling):
+    """Probe a 5-level net (the seed's depth) with tiny widths: the input extent along the
+    second axis with non-zero gradient for an output pixel, maximised over the 16 alignments to
+    the pooling grid; with anisotropic pooling that axis is pooled at two levels only."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant=variant, spatial_dims=2, features=(2,) * 5, norm="none", act="leakyrelu", pooling=pooling)
     model = build_network(cfg).double()
-    model.pool = torch.nn.AvgPool2d(2)  # max-pool routes gradient to one pixel and hides paths
+    # max-pool routes gradient to one pixel and hides paths
+    model.pools = torch.nn.ModuleList(torch.nn.AvgPool2d(s, stride=s) for s in cfg.strides)
     x = torch.randn(1, 1, 16, 512, dtype=torch.float64, requires_grad=True)
     y = model(x)
     extents = []
@@ -155,8 +193,12 @@ def test_receptive_field_matches_gradient_probe(variant):
         (g,) = torch.autograd.grad(y[0, 0, 8, col], x, retain_graph=True)
         hit = g[0, 0].abs().sum(0).nonzero().flatten()
         extents.append(int(hit.max() - hit.min()) + 1)
-    assert max(extents) == receptive_field(cfg) == receptive_field(seed(2))
+    assert max(extents) == receptive_field(cfg)[1]
+    if pooling:
+        assert receptive_field(cfg)[1] < receptive_field(cfg)[0] == receptive_field(seed(2))[0]
+        return
+    assert max(extents) == receptive_field(seed(2))[1]
     # textbook centred sum 1 + sum((k - 1) * jump) over the deepest path's convs and pools (= 200);
     # the worst alignment to the up-convolution grid may add a little.
     centred = 1 + sum(2 * 2 * 2**i for i in range(5)) + sum(2**i for i in range(4)) + sum(2 * 2 * 2**i for i in range(4))
-    assert centred <= receptive_field(cfg) <= centred + 2**4
+    assert centred <= receptive_field(cfg)[1] <= centred + 2**4

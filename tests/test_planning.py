@@ -43,6 +43,10 @@ def test_thick_slices_get_the_anisotropic_treatment(thick, iso):
     cfg, comments = plan_config(fp, man, memory_gb=0.5)
     assert cfg.data.spacing == pytest.approx((0.7, 0.7, 5.0), abs=1e-3)
     assert cfg.data.slice_axis == 2 and "2D slice mode" in comments["data", "spacing"]
+    # the 5 mm axis is not pooled until the 0.7 mm grid is as coarse (nnU-Net's anisotropic pooling)
+    z = [st[2] for st in cfg.model.strides]
+    assert z[0] == 1 and all(st[:2] == (2, 2) for st in cfg.model.strides[: z.index(2) if 2 in z else None])
+    assert "twice as coarse" in comments["model", "pooling"]
     # the thick axis takes the 10th percentile, not the median
     fp2 = dict(fp, spacings_mm=[[0.7, 0.7, s] for s in (2.5, 5.0, 5.0)])
     assert plan_config(fp2, man, memory_gb=0.5)[0].data.spacing[2] == pytest.approx(np.percentile([2.5, 5, 5], 10))
@@ -50,6 +54,7 @@ def test_thick_slices_get_the_anisotropic_treatment(thick, iso):
     cfg_iso, comments_iso = plan_config(fp_iso, man_iso, memory_gb=0.5)
     assert cfg_iso.data.spacing == pytest.approx((1.5, 1.5, 1.5)) and ("data", "slice_axis") not in comments_iso
     assert "not thick-slice" in comments_iso["data", "spacing"]
+    assert cfg_iso.model.pooling is None and "every level halves every axis" in comments_iso["model", "pooling"]
 
 
 def test_rare_class_is_oversampled(iso):
@@ -101,10 +106,23 @@ def test_depth_lets_the_bottleneck_see_the_patch(iso):
 
     man, fp = iso
     cfg, comments = plan_config(fp, man, memory_gb=1.0)
-    levels = len(cfg.model.features)
-    assert receptive_field(cfg.model) >= max(cfg.data.patch_size) or min(cfg.data.patch_size) // 2 ** levels < 4
-    assert min(cfg.data.patch_size) // 2 ** (levels - 1) >= 4
+    bottleneck = [p // m for p, m in zip(cfg.data.patch_size, cfg.model.input_multiple)]
+    assert min(bottleneck) >= 4
+    # either the receptive field covers the patch or one more pooling would leave an axis < 4
+    assert all(r >= p for r, p in zip(receptive_field(cfg.model), cfg.data.patch_size)) or min(bottleneck) < 8
     assert "receptive field" in comments["model", "features"]
+
+
+def test_a_thin_training_slab_still_gets_a_deep_network():
+    """A 10-slice training scan at an isotropic spacing: the short axis stops pooling at 4
+    voxels while the in-plane axes go on, so the network is not limited to 2 levels (as when
+    every axis pooled alike)."""
+    from volseg.data.planning import _pooling
+
+    assert _pooling((112, 112, 10), (4.5, 4.5, 4.5), 16) == ((2, 2, 2), (2, 2, 1), (2, 2, 1), (2, 2, 1))
+    assert _pooling((48, 40, 48), (1.0, 1.0, 1.0), 16) == ((2, 2, 2),) * 3  # isotropic data: as before
+    # thick slices: z waits for the in-plane spacing (0.7 -> 1.4 -> 2.8 mm) to come within 2x of 5 mm
+    assert _pooling((128, 128, 16), (0.7, 0.7, 5.0), 16) == ((2, 2, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2))
 
 
 def test_plan_command_writes_a_commented_config_that_loads(iso, tmp_path, capsys):
@@ -158,3 +176,31 @@ def test_cuda_plan_measures_on_the_gpu_and_fits_its_budget(iso):
     assert small.model.features[0] == 32 and np.prod(small.data.patch_size) <= np.prod(free.data.patch_size)
     need = measure_step_memory(small.model, 1, 4, small.data.patch_size, small.train.batch_size, device="cuda")
     assert need <= 0.05 * 2**30
+
+
+def test_thick_slice_plan_trains_validates_and_infers(tmp_path):
+    """The path a user with 5 mm CT takes: `volseg train MANIFEST` without --config plans
+    anisotropic pooling, trains through a validation, and `volseg infer` writes a mask in the
+    scan's geometry. A `model.features` override gets the planned pooling fitted to its depth."""
+    import SimpleITK as sitk
+
+    from volseg.data.synth import make_dataset
+
+    manifest = make_dataset(tmp_path / "data", cases=4, test_cases=1, shape=(40, 40, 16), spacing=(0.7, 0.7, 5.0), seed=4)
+    run = tmp_path / "run"
+    sets = ["train.epochs=1", "train.steps_per_epoch=2", "train.val_every=1", "data.samples_per_volume=1", "data.val_fraction=0.25"]
+    assert main(["-q", "train", str(manifest), "--output", str(run), "--device", "cpu"] + [a for s in sets for a in ("--set", s)]) == 0
+    cfg = load_config(run / "config.yaml")
+    assert cfg.model.pooling and cfg.model.pooling[0] == (2, 2, 1)
+    head, *rows = (run / "metrics.csv").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 1 and float(dict(zip(head.split(","), rows[0].split(",")))["val_dice_mean"]) >= 0  # validated
+    out = tmp_path / "pred"
+    assert main(["-q", "infer", str(manifest), "--model", str(run), "--output", str(out)]) == 0
+    case = load_manifest(manifest).test[0]
+    ref, seg = sitk.ReadImage(str(case.images[0])), sitk.ReadImage(str(out / f"{case.name}_seg.nii.gz"))
+    assert seg.GetSize() == ref.GetSize() and seg.GetSpacing() == pytest.approx(ref.GetSpacing())
+
+    from volseg.data.planning import plan_manifest
+
+    shallow = plan_manifest(load_manifest(manifest), tmp_path / "p.yaml", overrides=["model.features=[8,16]"])
+    assert shallow.model.features == (8, 16) and shallow.model.pooling == ((2, 2, 1),)

@@ -83,7 +83,12 @@ ACTS = ("relu", "leakyrelu", "prelu")
 class ModelConfig:
     """Network architecture. ``in_channels``/``out_channels`` of ``None`` are filled from the
     manifest at training time (channels = modalities; out = 1 for a single binary label, else
-    number of labels including background)."""
+    number of labels including background).
+
+    ``pooling``: the down-sampling factor per spatial axis at each of the ``len(features) - 1``
+    poolings, 1 or 2 (e.g. ``[[2, 2, 1], [2, 2, 2], ...]`` keeps 5 mm slices unpooled while the
+    in-plane grid halves, nnU-Net's treatment of thick-slice data); ``None``: 2 on every axis.
+    """
 
     variant: str = "unet"
     spatial_dims: int = 3
@@ -95,6 +100,18 @@ class ModelConfig:
     dropout: float = 0.0
     deep_supervision: bool = False
     groups: int = 8
+    pooling: Optional[Tuple[Tuple[int, ...], ...]] = None
+
+    @property
+    def strides(self) -> Tuple[Tuple[int, ...], ...]:
+        """``pooling`` resolved: one down-sampling factor per spatial axis per pooling."""
+        return self.pooling or ((2,) * self.spatial_dims,) * (len(self.features) - 1)
+
+    @property
+    def input_multiple(self) -> Tuple[int, ...]:
+        """Per spatial axis, the multiple an input size needs for no padding: the product of
+        that axis's pooling factors (16 for 4 poolings by 2)."""
+        return tuple(math.prod(s[a] for s in self.strides) for a in range(self.spatial_dims))
 
     def __post_init__(self) -> None:
         check_choice("model.variant", self.variant, VARIANTS)
@@ -112,6 +129,13 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout!r} must be in [0, 1).")
         _positive("model.groups", self.groups)
+        if self.pooling is not None:
+            want = f"{len(self.features) - 1} entries (one per pooling of the {len(self.features)} levels in model.features), each of {self.spatial_dims} factors 1 or 2"
+            if len(self.pooling) != len(self.features) - 1 or any(len(s) != self.spatial_dims for s in self.pooling):
+                raise ConfigError(f"model.pooling={[list(s) for s in self.pooling]} must have {want}; or null for 2 on every axis.")
+            bad = [f for s in self.pooling for f in s if f not in (1, 2)]
+            if bad:
+                raise ConfigError(f"model.pooling has factors {bad}; allowed: 1 (keep the axis) or 2 (halve it).")
         if self.norm == "group":
             bad = [f for f in self.features if f % self.groups]
             if bad:

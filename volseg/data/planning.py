@@ -6,9 +6,12 @@ of the smallest structure of each class. :func:`plan_config` turns it into a
 :class:`~volseg.config.Config` and one comment per decision (nnU-Net's rules, in readable form):
 
 * target spacing: the median; thick-slice data (max/min spacing > :data:`ANISOTROPY`) gets the
-  10th percentile along the thick axis, and the comment recommends 2D slice mode;
-* network depth: the fewest levels whose receptive field covers the patch, but no pooling of an
-  axis below 4 voxels; features double per level from 32 (GPU) or 16 (CPU), capped;
+  10th percentile along the thick axis, and the comment names 2D slice mode as the alternative;
+* pooling and depth (:func:`_pooling`): each level halves the axes that keep >= 4 voxels at the
+  bottleneck and are less than twice as coarse as the finest axis (so thick slices stay unpooled
+  until the in-plane grid has caught up, nnU-Net's anisotropic pooling), until the receptive
+  field covers the patch along every axis; features double per level from 32 (GPU) or 16 (CPU),
+  capped;
 * patch and batch: candidate patches shaped like the median case, smallest first, each measured
   with a dry forward/backward pass of that network at batch 2 (GPU: a real pass and its peak
   allocated memory; CPU: a pass on torch's ``meta`` device, which runs the same graph without
@@ -131,8 +134,9 @@ def _target_spacing(fp: dict) -> Tuple[Tuple[float, ...], Optional[int], str]:
     axis = "xyz"[thick]
     return (tuple(round(float(s), 4) for s in target), thick,
             f"thick-slice data ({axis} {ratio:.1f}x the finest median spacing > {ANISOTROPY:g}): median in-plane, 10th percentile "
-            f"along {axis} (nnU-Net's rule); 3D pooling barely applies along {axis}, so also try 2D slice mode "
-            f"(model.spatial_dims: 2, data.slice_axis: {thick}, a 2-entry data.patch_size)")
+            f"along {axis} (nnU-Net's rule); the 3D U-Net pools {axis} only once the in-plane grid is as coarse "
+            f"(model.pooling); 2D slice mode is the alternative (model.spatial_dims: 2, data.slice_axis: {thick}, "
+            f"a 2-entry data.patch_size, model.pooling: null)")
 
 
 def _memory_budget(memory_gb: Optional[float], device: str) -> Tuple[float, str]:
@@ -149,16 +153,28 @@ def _memory_budget(memory_gb: Optional[float], device: str) -> Tuple[float, str]
     return DEFAULT_CPU_MEMORY_GB * 2**30, f"{DEFAULT_CPU_MEMORY_GB:g} GB, the CPU default (--memory GB to change)"
 
 
-def _levels(patch: Sequence[float], base: int) -> int:
-    """Fewest levels whose receptive field covers the longest patch axis, but no more poolings
-    than leave the shortest axis >= 4 voxels at the bottleneck (nnU-Net's limit)."""
+def _pooling(patch: Sequence[float], spacing: Sequence[float], base: int) -> Tuple[Tuple[int, ...], ...]:
+    """Per-level pooling factors for ``patch`` (voxels) at ``spacing`` (mm). A level halves
+    every axis that is still >= 8 voxels (the bottleneck keeps >= 4) and less than twice as
+    coarse as the finest of those axes at that level; levels are added until the receptive field covers
+    the patch along every axis or no axis may pool (nnU-Net's rules). At least one pooling: the
+    builder's minimum of two levels."""
     from ..nets import receptive_field
 
-    by_pool = max(2, 1 + int(math.floor(math.log2(max(4.0, min(patch)) / 4))))
-    for levels in range(2, MAX_LEVELS + 1):
-        if levels >= by_pool or receptive_field(ModelConfig(features=_features(levels, base))) >= max(patch):
-            return min(levels, by_pool)
-    return min(MAX_LEVELS, by_pool)
+    sizes, sp, strides = np.array(patch, float), np.array(spacing, float), []
+    while len(strides) < MAX_LEVELS - 1:
+        if strides:
+            rf = receptive_field(ModelConfig(features=_features(len(strides) + 1, base), pooling=tuple(strides)))
+            if all(r >= p for r, p in zip(rf, patch)):
+                break
+        room = sizes >= 8
+        if not room.any():
+            break
+        finest = sp[room].min()  # among the axes that may still pool (nnU-Net's order of the two rules)
+        step = tuple(2 if ok and mm / finest < 2 else 1 for ok, mm in zip(room, sp))
+        strides.append(step)
+        sizes, sp = sizes / step, sp * step
+    return tuple(strides) or ((2,) * len(patch),)
 
 
 def _features(levels: int, base: int) -> Tuple[int, ...]:
@@ -166,14 +182,16 @@ def _features(levels: int, base: int) -> Tuple[int, ...]:
     return tuple(min(base * 2**i, cap) for i in range(levels))
 
 
-def _candidate(median: np.ndarray, side: int, base: int) -> Tuple[Tuple[int, ...], int]:
-    """(patch, levels): the median case's shape scaled so its longest axis is ``side``, rounded up
-    to the network's input multiple, never beyond the median case (rounded up)."""
+def _candidate(median: np.ndarray, side: int, base: int, spacing: Sequence[float]) -> Tuple[Tuple[int, ...], ModelConfig]:
+    """(patch, network): the median case's shape scaled so its longest axis is ``side``, rounded
+    up to the network's input multiple, never beyond the median case (rounded up); the network
+    pooled for it (:func:`_pooling`). Pooling 2 on every axis is written as ``None``."""
     raw = np.minimum(median * side / median.max(), median)
-    levels = _levels(raw, base)
-    m = 2 ** (levels - 1)
+    pooling = _pooling(raw, spacing, base)
+    model = ModelConfig(features=_features(len(pooling) + 1, base), pooling=None if set(sum(pooling, ())) == {2} else pooling)
+    m = np.array(model.input_multiple)
     cap = np.ceil(median / m) * m
-    return tuple(int(v) for v in np.minimum(np.maximum(m, np.ceil(raw / m) * m), cap)), levels
+    return tuple(int(v) for v in np.minimum(np.maximum(m, np.ceil(raw / m) * m), cap)), model
 
 
 def measure_step_memory(model: ModelConfig, in_channels: int, out_channels: int, patch: Sequence[int], batch: int, device: str = "cpu") -> float:
@@ -232,28 +250,27 @@ def _measure_cuda(model: ModelConfig, in_channels: int, out_channels: int, patch
 
 def _patch_and_batch(fp: dict, spacing: Sequence[float], budget: float, device: str, n_in: int, n_out: int) -> Tuple[dict, str, str]:
     """Largest candidate patch whose step fits ``budget`` at batch 2, then the largest batch.
-    Returns ({patch, levels, features, batch, bytes}, patch comment, batch comment)."""
+    Returns ({patch, model, batch, bytes}, patch comment, batch comment)."""
     base = 32 if device == "cuda" else 16
     extent = np.median(np.array(fp["shapes"]) * np.array(fp["spacings_mm"]), axis=0)
     median = extent / np.array(spacing)  # voxels at the target spacing, as make_plan computes it
     best, smallest, tried = None, None, set()
     for side in PATCH_SIDES:
-        patch, levels = _candidate(median, side, base)
+        patch, model = _candidate(median, side, base, spacing)
         if patch in tried:
             continue
         tried.add(patch)
-        model = ModelConfig(features=_features(levels, base))
         need = measure_step_memory(model, n_in, n_out, patch, 2, device)
-        log.debug("patch %s, %d levels, batch 2: %.2f GB", patch, levels, need / 2**30)
-        smallest = smallest or dict(patch=patch, levels=levels, features=model.features, batch=2, bytes=need)
+        log.debug("patch %s, pooling %s, batch 2: %.2f GB", patch, model.strides, need / 2**30)
+        smallest = smallest or dict(patch=patch, model=model, batch=2, bytes=need)
         if need > budget:
             break
-        best = dict(patch=patch, levels=levels, features=model.features, batch=2, bytes=need)
+        best = dict(patch=patch, model=model, batch=2, bytes=need)
     if best is None:
         log.warning("even the smallest patch %s needs %.2f GB at batch 2, over the budget of %.2f GB; planned it anyway",
                     smallest["patch"], smallest["bytes"] / 2**30, budget / 2**30)
         return smallest, f"smallest candidate; a step at batch 2 needs {smallest['bytes'] / 2**30:.2f} GB, OVER the budget", "2, the minimum"
-    whole = best["patch"] == _candidate(median, 10**6, base)[0]  # no bigger candidate exists
+    whole = best["patch"] == _candidate(median, 10**6, base, spacing)[0]  # no bigger candidate exists
     shape = np.round(median).astype(int).tolist()
     why = f"covers the median case ({shape} voxels)" if whole else f"largest candidate shaped like the median case ({shape} voxels) that fits"
     patch_comment = f"{why}; a step at batch 2 needs {best['bytes'] / 2**30:.2f} GB (measured, dry pass on {device})"
@@ -268,9 +285,8 @@ def _grow_batch(best: dict, fp: dict, budget: float, device: str, n_in: int, n_o
     the dataset's voxels per batch (nnU-Net's cap; bigger batches only repeat the same cases)."""
     voxels = sum(float(np.prod(s)) for s in fp["shapes"])
     cap = int(min(MAX_BATCH, max(2, 0.05 * voxels / float(np.prod(best["patch"])))))
-    model = ModelConfig(features=best["features"])
     while best["batch"] < cap:
-        need = measure_step_memory(model, n_in, n_out, best["patch"], best["batch"] + 1, device)
+        need = measure_step_memory(best["model"], n_in, n_out, best["patch"], best["batch"] + 1, device)
         if need > budget:
             break
         best = dict(best, batch=best["batch"] + 1, bytes=need)
@@ -333,19 +349,23 @@ def plan_config(fp: dict, manifest: Manifest, memory_gb: Optional[float] = None,
     ratios, ratios_why = _class_ratios(fp)
     from ..nets import receptive_field
 
-    rf = receptive_field(ModelConfig(features=best["features"]))
-    bottleneck = [p // 2 ** (best["levels"] - 1) for p in best["patch"]]
+    model = best["model"]
+    rf = receptive_field(model)
+    bottleneck = [p // m for p, m in zip(best["patch"], model.input_multiple)]
     data = {
-        "model": {"variant": "unet", "spatial_dims": 3, "features": list(best["features"])},
+        "model": {"variant": "unet", "spatial_dims": 3, "features": list(model.features),
+                  "pooling": model.pooling and [list(st) for st in model.pooling]},
         "data": {"spacing": list(spacing), "patch_size": list(best["patch"]), "normalization": "auto", "class_ratios": ratios and list(ratios)},
         "train": {"batch_size": best["batch"]},
     }
     comments: Comments = {
         ("model", "variant"): "the plain U-Net: nnU-Net showed a well-configured plain U-Net is hard to beat",
         ("model", "spatial_dims"): "3D" + (" (see data.spacing for the 2D option)" if thick is not None else ""),
-        ("model", "features"): (f"{best['levels']} levels: receptive field {rf} voxels vs longest patch axis {max(best['patch'])}, "
-                                f"bottleneck {bottleneck} voxels (>= 4 per axis); {best['features'][0]} features doubling per level"
-                                f"{', the GPU start' if device == 'cuda' else ', halved for the CPU'}, capped at {max(_features(8, best['features'][0]))}"),
+        ("model", "features"): (f"{len(model.features)} levels: receptive field {list(rf)} voxels vs patch {list(best['patch'])}, "
+                                f"bottleneck {bottleneck} voxels; {model.features[0]} features doubling per level"
+                                f"{', the GPU start' if device == 'cuda' else ', halved for the CPU'}, capped at {max(_features(8, model.features[0]))}"),
+        ("model", "pooling"): ("null: every level halves every axis" if model.pooling is None else
+                               "per level, the axes it halves: an axis stays (1) while it is twice as coarse as the finest axis or under 8 voxels"),
         ("data", "spacing"): f"mm, (x, y, z) in RAS order; {spacing_why}",
         ("data", "patch_size"): f"voxels at data.spacing; memory budget {budget_why}: {patch_why}",
         ("data", "normalization"): _normalisation(fp),
@@ -355,7 +375,7 @@ def plan_config(fp: dict, manifest: Manifest, memory_gb: Optional[float] = None,
     if thick is not None:
         data["data"]["slice_axis"] = thick
         comments[("data", "slice_axis")] = "the thick axis, ready for 2D slice mode (unused in 3D)"
-    log.info("plan: spacing %s mm, patch %s, batch %d, features %s", spacing, best["patch"], best["batch"], best["features"])
+    log.info("plan: spacing %s mm, patch %s, batch %d, features %s, pooling %s", spacing, best["patch"], best["batch"], model.features, model.strides)
     return from_dict(data), comments
 
 
@@ -406,7 +426,18 @@ def plan_manifest(manifest: Manifest, output: Union[str, Path], memory_gb: Optio
     fp = dict(manifest=str(manifest.path), **fingerprint(manifest, manifest.training))
     # a spacing override is planned at: a patch and depth fitted to another spacing would cover
     # another field of view (a 160 x 160 x 8 patch planned at 1 x 1 x 2 mm is 720 x 720 x 36 mm at 4.5 mm)
-    spacing = from_dict(apply_overrides({}, overrides)).data.spacing if overrides else None
+    user = apply_overrides({}, overrides)
+    spacing = from_dict(user).data.spacing if overrides else None
     cfg, comments = plan_config(fp, manifest, memory_gb=memory_gb, device=device, spacing=spacing)
     write_plan(cfg, comments, fp, output, fingerprint_path)
-    return from_dict(apply_overrides(to_dict(cfg), overrides)) if overrides else cfg
+    if not overrides:
+        return cfg
+    merged = apply_overrides(to_dict(cfg), overrides)
+    model = user.get("model", {})
+    if cfg.model.pooling and "features" in model and "pooling" not in model and isinstance(model["features"], list):
+        # the planned pooling has one entry per level: fit it to the user's depth (its first
+        # levels are the anisotropic ones; deeper levels halve every axis)
+        n = len(model["features"]) - 1
+        merged["model"]["pooling"] = ([list(st) for st in cfg.model.pooling] + [[2, 2, 2]] * n)[:n]
+        log.info("model.features set to %d levels: planned pooling fitted to it: %s", n + 1, merged["model"]["pooling"])
+    return from_dict(merged)

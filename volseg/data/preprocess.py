@@ -261,12 +261,11 @@ def _fit_patch(cfg: Config, median_shape: np.ndarray) -> Tuple[int, ...]:
     """``data.patch_size`` is an upper bound: an axis longer than the median preprocessed case
     shrinks to that length rounded up to the network's input multiple, so no compute is spent
     on padding (e.g. 5 mm slices: few voxels along z)."""
-    multiple = 2 ** (len(cfg.model.features) - 1)
     axes = [0, 1, 2]
     if cfg.model.spatial_dims == 2:
         axes.remove(cfg.data.slice_axis)
     fitted = []
-    for p, ax in zip(cfg.data.patch_size, axes):
+    for p, ax, multiple in zip(cfg.data.patch_size, axes, cfg.model.input_multiple):
         need = int(np.ceil(median_shape[ax] / multiple) * multiple)
         fitted.append(int(min(p, max(multiple, need))))
     if tuple(fitted) != tuple(cfg.data.patch_size):

@@ -10,9 +10,7 @@ from volseg.nets.unet import (
     build_network,
     count_parameters,
     receptive_field,
-    required_multiple,
     summarize,
 )
 
-__all__ = ["NETWORKS", "UNetFamily", "build_network", "count_parameters", "receptive_field",
-           "required_multiple", "summarize"]
+__all__ = ["NETWORKS", "UNetFamily", "build_network", "count_parameters", "receptive_field", "summarize"]

@@ -2,8 +2,9 @@
 
 Nodes follow the UNet++ notation ``X[i, j]``: level ``i`` (resolution ``1 / 2**i``, channels
 ``features[i]``), column ``j``. The encoder is ``X[i, 0]``. A decoder node is
-``X[i, j] = block(cat(skips, up(X[i+1, j-1])))`` where ``up`` is a 2-wide stride-2 transposed conv
-``features[i+1] -> features[i]``. Variants only swap parts of this one graph:
+``X[i, j] = block(cat(skips, up(X[i+1, j-1])))`` where ``up`` is a transposed conv
+``features[i+1] -> features[i]`` whose kernel and stride undo pooling ``i`` (2 per axis unless
+``cfg.pooling`` keeps an axis at 1). Variants only swap parts of this one graph:
 
 * ``unet``/``residual``/``dense``: block type (:mod:`volseg.nets.blocks`); decoder nodes are the
   diagonal ``i + j = L - 1`` with skip ``X[i, 0]``.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from torch import nn
 from volseg.config import ModelConfig, check_choice
 from volseg.nets.blocks import AttentionGate, ConvBlock, DenseBlock, ResidualBlock
 
-__all__ = ["UNetFamily", "NETWORKS", "build_network", "required_multiple", "receptive_field",
+__all__ = ["UNetFamily", "NETWORKS", "build_network", "receptive_field",
            "count_parameters", "summarize"]
 
 Output = Union[torch.Tensor, List[torch.Tensor]]
@@ -38,14 +39,15 @@ class UNetFamily(nn.Module):
     """U-Net family member for ``(B, in_channels, *spatial)`` input, 2D or 3D.
 
     Any spatial size works: the input is padded at the end of each axis (replicate) up to a
-    multiple of ``2 ** (L - 1)`` and the output is cropped back, so the main output always has the
-    input's spatial shape.
+    multiple of ``cfg.input_multiple`` (``2 ** (L - 1)`` per axis unless ``cfg.pooling`` keeps an
+    axis) and the output is cropped back, so the main output always has the input's spatial shape.
 
     Returns logits ``(B, out_channels, *spatial)``. With ``cfg.deep_supervision`` and in training
     mode it returns a ``list`` ``[main, aux1, aux2, ...]`` instead (eval mode: only ``main``):
 
     * diagonal variants: aux ``k`` is a 1x1 head on decoder level ``k`` with spatial size
-      ``ceil(s / 2**k)`` (not upsampled; cropped from the padded grid);
+      ``ceil(s / f)``, ``f`` the product of the first ``k`` poolings' factors along the axis
+      (``2**k`` by default; not upsampled; cropped from the padded grid);
     * ``nested``: aux heads on ``X[0, L-2], ..., X[0, 1]``, all full resolution.
     """
 
@@ -53,10 +55,13 @@ class UNetFamily(nn.Module):
                  block: Callable[..., nn.Module] = ConvBlock, attention: bool = False, nested: bool = False):
         super().__init__()
         f, d, L = cfg.features, cfg.spatial_dims, len(cfg.features)
-        self.spatial_dims, self.out_channels, self.multiple = d, out_channels, 2 ** (L - 1)
+        self.spatial_dims, self.out_channels, self.multiple = d, out_channels, cfg.input_multiple
         self.deep_supervision = cfg.deep_supervision
+        strides = cfg.strides
+        # scale[i]: level i's down-sampling per axis against the input
+        self.scale = [tuple(math.prod(s[a] for s in strides[:i]) for a in range(d)) for i in range(L)]
         self.encoders = nn.ModuleList(block(cfg, in_channels if i == 0 else f[i - 1], f[i]) for i in range(L))
-        self.pool = Pool[Pool.MAX, d](2)
+        self.pools = nn.ModuleList(Pool[Pool.MAX, d](s, stride=s) for s in strides)
         # (node, skip columns) in computation order; every node's inputs exist before it.
         self.graph: List[Tuple[Tuple[int, int], Tuple[int, ...]]] = [
             ((i, j), tuple(range(j)) if nested else (0,))
@@ -64,7 +69,7 @@ class UNetFamily(nn.Module):
         self.ups, self.nodes, self.gates = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
         for (i, j), cols in self.graph:
             key = f"{i}_{j}"
-            self.ups[key] = Conv[Conv.CONVTRANS, d](f[i + 1], f[i], 2, stride=2)
+            self.ups[key] = Conv[Conv.CONVTRANS, d](f[i + 1], f[i], strides[i], stride=strides[i])
             self.nodes[key] = block(cfg, (len(cols) + 1) * f[i], f[i])
             if attention:
                 self.gates[key] = AttentionGate(cfg, f[i], f[i])
@@ -75,12 +80,12 @@ class UNetFamily(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Output:
         size = x.shape[2:]
-        pad = [-s % self.multiple for s in size]
+        pad = [-s % m for s, m in zip(size, self.multiple)]
         if any(pad):
             x = F.pad(x, [p for q in reversed(pad) for p in (0, q)], mode="replicate")
         X: Dict[Tuple[int, int], torch.Tensor] = {}
         for i, enc in enumerate(self.encoders):
-            x = X[i, 0] = enc(x if i == 0 else self.pool(x))
+            x = X[i, 0] = enc(x if i == 0 else self.pools[i - 1](x))
         for (i, j), cols in self.graph:
             key = f"{i}_{j}"
             up = self.ups[key](X[i + 1, j - 1])
@@ -89,7 +94,7 @@ class UNetFamily(nn.Module):
         n = len(self.heads) if self.training else 1
         outs = []
         for (i, j), head in zip(self.head_nodes[:n], self.heads):
-            crop = tuple(slice(0, math.ceil(s / 2 ** i)) for s in size)
+            crop = tuple(slice(0, math.ceil(s / f)) for s, f in zip(size, self.scale[i]))
             outs.append(head(X[i, j])[(..., *crop)])
         return outs if self.deep_supervision and self.training else outs[0]
 
@@ -117,30 +122,29 @@ def _pick(explicit: Optional[int], configured: Optional[int]) -> int:
     return explicit if explicit is not None else configured if configured is not None else 1
 
 
-def required_multiple(cfg: ModelConfig) -> int:
-    """Spatial sizes that need no padding are multiples of this: ``2 ** (levels - 1)``."""
-    return 2 ** (len(cfg.features) - 1)
-
-
-def _deepest_path(levels: int) -> List[Tuple[str, int, int]]:
-    """Layers ``(kind, kernel, stride)`` from input to output through the bottleneck. Every block
-    (double conv, residual, dense) has two chained 3-wide convs; 1x1 convs and gates add nothing."""
+def _deepest_path(strides: Sequence[int]) -> List[Tuple[str, int, int]]:
+    """Layers ``(kind, kernel, stride)`` along one axis from input to output through the
+    bottleneck, for that axis's pooling factors. Every block (double conv, residual, dense) has
+    two chained 3-wide convs; 1x1 convs and gates add nothing."""
     block = [("conv", 3, 1)] * 2
-    down = [*block, ("pool", 2, 2)] * (levels - 1)
-    up = [("up", 2, 2), *block] * (levels - 1)
+    down = [layer for s in strides for layer in (*block, ("pool", s, s))]
+    up = [layer for s in reversed(strides) for layer in (("up", s, s), *block)]
     return down + block + up
 
 
-def receptive_field(cfg: ModelConfig) -> int:
-    """Receptive field in voxels along one axis of one output voxel, for the worst grid alignment,
-    along the input -> bottleneck -> output path (the widest; same for all variants)."""
-    r = 1  # extent needed at the output of the current layer, walking backwards
-    for kind, k, s in reversed(_deepest_path(len(cfg.features))):
-        if kind == "up":  # output p reads inputs q with q*s <= p < q*s + k
-            r = max((a + r - 1) // s - math.ceil((a - k + 1) / s) + 1 for a in range(s))
-        else:
-            r = (r - 1) * s + k
-    return r
+def receptive_field(cfg: ModelConfig) -> Tuple[int, ...]:
+    """Receptive field in voxels of one output voxel per spatial axis, for the worst grid
+    alignment, along the input -> bottleneck -> output path (the widest; same for all variants)."""
+    fields = []
+    for axis in range(cfg.spatial_dims):
+        r = 1  # extent needed at the output of the current layer, walking backwards
+        for kind, k, s in reversed(_deepest_path([st[axis] for st in cfg.strides])):
+            if kind == "up":  # output p reads inputs q with q*s <= p < q*s + k
+                r = max((a + r - 1) // s - math.ceil((a - k + 1) / s) + 1 for a in range(s))
+            else:
+                r = (r - 1) * s + k
+        fields.append(r)
+    return tuple(fields)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -158,7 +162,8 @@ def summarize(cfg: ModelConfig, in_channels: Optional[int] = None, out_channels:
         f"in/out channels: {_pick(in_channels, cfg.in_channels)} -> {model.out_channels}",
         f"channels per level: {', '.join(map(str, cfg.features))}",
         f"deep supervision: {cfg.deep_supervision}",
-        f"receptive field: {receptive_field(cfg)} voxels",
-        f"required input multiple: {required_multiple(cfg)}",
+        f"pooling per level: {' '.join('x'.join(map(str, st)) for st in cfg.strides)}",
+        f"receptive field: {' x '.join(map(str, receptive_field(cfg)))} voxels",
+        f"required input multiple: {' x '.join(map(str, cfg.input_multiple))}",
         f"parameters: {count_parameters(model):,}",
     ])

@@ -156,9 +156,9 @@ def _memory_budget(memory_gb: Optional[float], device: str) -> Tuple[float, str]
 def _pooling(patch: Sequence[float], spacing: Sequence[float], base: int) -> Tuple[Tuple[int, ...], ...]:
     """Per-level pooling factors for ``patch`` (voxels) at ``spacing`` (mm). A level halves
     every axis that is still >= 8 voxels (the bottleneck keeps >= 4) and less than twice as
-    coarse as the finest of those axes at that level; levels are added until the receptive field covers
-    the patch along every axis or no axis may pool (nnU-Net's rules). At least one pooling: the
-    builder's minimum of two levels."""
+    coarse as the finest of those axes at that level; levels are added until the receptive
+    field covers the patch along every axis or no axis may pool (nnU-Net's rules). At least one
+    pooling: the builder's minimum of two levels."""
     from ..nets import receptive_field
 
     sizes, sp, strides = np.array(patch, float), np.array(spacing, float), []

@@ -478,7 +478,7 @@ def experiment(holdout: str, args: argparse.Namespace) -> Dict[int, Dict[str, Li
         cfg = plan(manifest, Path(tmp), args.memory, args.set, args.device)
         print(f"plan (--memory {args.memory:g}{', ' + ' '.join(args.set) if args.set else ''}): spacing {list(cfg.data.spacing)} mm, "
               f"patch {list(cfg.data.patch_size)} (MONAI side {tutorial_patch(cfg.data.patch_size)}), batch {cfg.train.batch_size}, "
-              f"features {list(cfg.model.features)}; steps {args.steps}, seeds {args.seeds}, threads {args.threads or 'default'}", flush=True)  # fmt: skip
+              f"features {list(cfg.model.features)}, pooling {cfg.model.pooling or 'x2 on every axis'}; steps {args.steps}, seeds {args.seeds}, threads {args.threads or 'default'}", flush=True)  # fmt: skip
         t0 = time.perf_counter()
         results = measure(manifest, cfg, args, Path(tmp))
     print(f"\nheld out: {holdout}\n{report(results)}\n(all runs: {(time.perf_counter() - t0) / 60:.1f} min)\n", flush=True)

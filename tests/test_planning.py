@@ -199,6 +199,16 @@ def test_thick_slice_plan_trains_validates_and_infers(tmp_path):
     case = load_manifest(manifest).test[0]
     ref, seg = sitk.ReadImage(str(case.images[0])), sitk.ReadImage(str(out / f"{case.name}_seg.nii.gz"))
     assert seg.GetSize() == ref.GetSize() and seg.GetSpacing() == pytest.approx(ref.GetSpacing())
+    import torch
+
+    from volseg.inference.export import export
+    from volseg.inference.predictor import Predictor
+
+    traced = torch.jit.load(str(export(run, "torchscript")))  # the anisotropic network exports too
+    net = Predictor.from_run(run, device="cpu").model.eval()
+    x = torch.randn(1, 1, *cfg.data.patch_size)
+    with torch.no_grad():
+        assert torch.allclose(traced(x), torch.softmax(net(x), 1), atol=1e-5)
 
     from volseg.data.planning import plan_manifest
 

@@ -130,9 +130,10 @@ class ModelConfig:
             raise ConfigError(f"model.dropout={self.dropout!r} must be in [0, 1).")
         _positive("model.groups", self.groups)
         if self.pooling is not None:
-            want = f"{len(self.features) - 1} entries (one per pooling of the {len(self.features)} levels in model.features), each of {self.spatial_dims} factors 1 or 2"
-            if len(self.pooling) != len(self.features) - 1 or any(len(s) != self.spatial_dims for s in self.pooling):
-                raise ConfigError(f"model.pooling={[list(s) for s in self.pooling]} must have {want}; or null for 2 on every axis.")
+            n = len(self.features)
+            if len(self.pooling) != n - 1 or any(len(s) != self.spatial_dims for s in self.pooling):
+                raise ConfigError(f"model.pooling={[list(s) for s in self.pooling]} must have {n - 1} entries (one per pooling of "
+                                  f"the {n} levels in model.features), each of {self.spatial_dims} factors 1 or 2; or null for 2 on every axis.")
             bad = [f for s in self.pooling for f in s if f not in (1, 2)]
             if bad:
                 raise ConfigError(f"model.pooling has factors {bad}; allowed: 1 (keep the axis) or 2 (halve it).")

@@ -1,7 +1,8 @@
 """One builder for the U-Net family: ``unet``, ``residual``, ``attention``, ``dense``, ``nested``.
 
-Nodes follow the UNet++ notation ``X[i, j]``: level ``i`` (resolution ``1 / 2**i``, channels
-``features[i]``), column ``j``. The encoder is ``X[i, 0]``. A decoder node is
+Nodes follow the UNet++ notation ``X[i, j]``: level ``i`` (resolution ``1 / 2**i`` per axis, or
+finer along axes that ``cfg.pooling`` keeps at some levels; channels ``features[i]``), column
+``j``. The encoder is ``X[i, 0]``. A decoder node is
 ``X[i, j] = block(cat(skips, up(X[i+1, j-1])))`` where ``up`` is a transposed conv
 ``features[i+1] -> features[i]`` whose kernel and stride undo pooling ``i`` (2 per axis unless
 ``cfg.pooling`` keeps an axis at 1). Variants only swap parts of this one graph:

@@ -108,10 +108,17 @@ class ModelConfig:
         return self.pooling or ((2,) * self.spatial_dims,) * (len(self.features) - 1)
 
     @property
+    def scales(self) -> Tuple[Tuple[int, ...], ...]:
+        """Per level, its down-sampling per spatial axis against the input: the product of the
+        pooling factors above it (``(1, 1, 1)`` at level 0, ``(8, 8, 8)`` at level 3 by default)."""
+        s = self.strides
+        return tuple(tuple(math.prod(st[a] for st in s[:i]) for a in range(self.spatial_dims)) for i in range(len(s) + 1))
+
+    @property
     def input_multiple(self) -> Tuple[int, ...]:
-        """Per spatial axis, the multiple an input size needs for no padding: the product of
-        that axis's pooling factors (16 for 4 poolings by 2)."""
-        return tuple(math.prod(s[a] for s in self.strides) for a in range(self.spatial_dims))
+        """Per spatial axis, the multiple an input size needs for no padding: the bottleneck's
+        scale (16 for 4 poolings by 2)."""
+        return self.scales[-1]
 
     def __post_init__(self) -> None:
         check_choice("model.variant", self.variant, VARIANTS)

@@ -58,9 +58,7 @@ class UNetFamily(nn.Module):
         f, d, L = cfg.features, cfg.spatial_dims, len(cfg.features)
         self.spatial_dims, self.out_channels, self.multiple = d, out_channels, cfg.input_multiple
         self.deep_supervision = cfg.deep_supervision
-        strides = cfg.strides
-        # scale[i]: level i's down-sampling per axis against the input
-        self.scale = [tuple(math.prod(s[a] for s in strides[:i]) for a in range(d)) for i in range(L)]
+        strides, self.scales = cfg.strides, cfg.scales
         self.encoders = nn.ModuleList(block(cfg, in_channels if i == 0 else f[i - 1], f[i]) for i in range(L))
         self.pools = nn.ModuleList(Pool[Pool.MAX, d](s, stride=s) for s in strides)
         # (node, skip columns) in computation order; every node's inputs exist before it.
@@ -95,7 +93,7 @@ class UNetFamily(nn.Module):
         n = len(self.heads) if self.training else 1
         outs = []
         for (i, j), head in zip(self.head_nodes[:n], self.heads):
-            crop = tuple(slice(0, math.ceil(s / f)) for s, f in zip(size, self.scale[i]))
+            crop = tuple(slice(0, math.ceil(s / f)) for s, f in zip(size, self.scales[i]))
             outs.append(head(X[i, j])[(..., *crop)])
         return outs if self.deep_supervision and self.training else outs[0]
 

@@ -214,3 +214,8 @@ def test_thick_slice_plan_trains_validates_and_infers(tmp_path):
 
     shallow = plan_manifest(load_manifest(manifest), tmp_path / "p.yaml", overrides=["model.features=[8,16]"])
     assert shallow.model.features == (8, 16) and shallow.model.pooling == ((2, 2, 1),)
+    # a pooling override for the planned depth (3 levels here) is checked against the plan,
+    # not against the default 4-level network
+    assert len(cfg.model.features) == 3
+    own = plan_manifest(load_manifest(manifest), tmp_path / "p.yaml", overrides=["model.pooling=[[2,2,1],[2,2,2]]"])
+    assert own.model.pooling == ((2, 2, 1), (2, 2, 2)) and own.model.features == cfg.model.features

@@ -427,7 +427,9 @@ def plan_manifest(manifest: Manifest, output: Union[str, Path], memory_gb: Optio
     # a spacing override is planned at: a patch and depth fitted to another spacing would cover
     # another field of view (a 160 x 160 x 8 patch planned at 1 x 1 x 2 mm is 720 x 720 x 36 mm at 4.5 mm)
     user = apply_overrides({}, overrides)
-    spacing = from_dict(user).data.spacing if overrides else None
+    # only the spacing is read before planning: other overrides may need the plan to be valid
+    # (a model.pooling for the planned depth)
+    spacing = from_dict({"data": {"spacing": user["data"]["spacing"]}}).data.spacing if "spacing" in user.get("data", {}) else None
     cfg, comments = plan_config(fp, manifest, memory_gb=memory_gb, device=device, spacing=spacing)
     write_plan(cfg, comments, fp, output, fingerprint_path)
     if not overrides:

@@ -293,6 +293,32 @@ def test_resume_extends_with_the_poly_curve_of_the_new_total(tiny_dataset, tmp_p
     assert float(rows[2]["lr"]) == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("planned", [True, False])
+def test_too_few_cases_fail_before_planning_and_before_the_split_warning(tiny_dataset, tmp_path, capsys, caplog, monkeypatch, planned):
+    """One labelled case against data.min_cases=2: one error naming the key, before any scan is
+    fingerprinted (the planner's or the plan's) and without the split's 'no validation' warning."""
+    import volseg.data.planning as planning
+    import volseg.training.engine as engine
+
+    one = json.loads(_manifest(tmp_path, tiny_dataset).read_text(encoding="utf-8"))
+    one["training"] = one["training"][:1]
+    manifest = tmp_path / "one.json"
+    manifest.write_text(json.dumps(one), encoding="utf-8")
+
+    def boom(*a, **k):
+        raise AssertionError("scans were fingerprinted")
+
+    monkeypatch.setattr(planning, "fingerprint", boom)
+    monkeypatch.setattr(engine, "make_plan", boom)
+    config = [] if planned else ["--config", "demo"]
+    with caplog.at_level(logging.WARNING, logger="volseg"):
+        assert main(["train", str(manifest), "--output", str(tmp_path / "run"), "--device", "cpu"] + config) == 2
+    err = capsys.readouterr().err
+    assert "1 labelled case(s), need at least 2 (data.min_cases" in err
+    assert not any("none is held out" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "run" / "planned_config.yaml").exists()
+
+
 def test_resume_uses_the_stored_split_and_names_missing_cases(tiny_dataset, tmp_path, monkeypatch, capsys):
     manifest = _manifest(tmp_path, tiny_dataset)
     run = tmp_path / "run"

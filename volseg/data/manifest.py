@@ -25,7 +25,7 @@ from .io import ImageReadError, case_name, itk_error_text, read_header, read_lab
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Case", "Manifest", "CT_WORDS", "is_ct_modality", "ManifestError", "load_manifest", "validate_cases", "split_cases"]
+__all__ = ["Case", "Manifest", "CT_WORDS", "is_ct_modality", "ManifestError", "load_manifest", "check_case_count", "validate_cases", "split_cases"]
 
 
 class ManifestError(ValueError):
@@ -193,16 +193,25 @@ def _check_label(case: Case, allowed: set, problems: List[str]) -> None:
         problems.append(f"{case.name}: label {case.label.name} has values {bad} not declared in 'labels' {sorted(allowed)}")
 
 
+def _too_few(n: int, min_cases: int) -> str:
+    return f"{n} labelled case(s), need at least {min_cases} (data.min_cases; set it lower to train on fewer, e.g. with data.val_fraction=0)"
+
+
+def check_case_count(manifest: Manifest, min_cases: int) -> None:
+    """Raise ManifestError when the manifest's training and validation cases are fewer than
+    ``min_cases``: the count alone, no file is read."""
+    n = len(manifest.training) + len(manifest.validation)
+    if n < min_cases:
+        raise ManifestError(f"manifest {manifest.path}: 1 problem(s):\n  {_too_few(n, min_cases)}")
+
+
 def validate_cases(manifest: Manifest, cases: Sequence[Case], min_cases: int = 1, tol: float = 1e-3) -> None:
     """Check files, channels, geometry and label values of ``cases``; raise one ManifestError
     that lists every problem (naming the files), or return None.
 
     Channels are counted per file: a 3D file is one, a 4D file as many as its 4th axis (the
     Decathlon's multi-modal layout); the total must equal the manifest's ``modality`` count."""
-    problems: List[str] = []
-    if len(cases) < min_cases:
-        problems.append(f"{len(cases)} labelled case(s), need at least {min_cases} (data.min_cases; set it lower to train on fewer, "
-                        "e.g. with data.val_fraction=0)")
+    problems: List[str] = [] if len(cases) >= min_cases else [_too_few(len(cases), min_cases)]
     n_ch = len(manifest.modalities)
     for case in cases:
         n_before = len(problems)

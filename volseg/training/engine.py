@@ -151,7 +151,10 @@ def _planned(man: Manifest, run: Path, device: str, overrides: Sequence[str]) ->
     from ..data.planning import plan_manifest
     from ..inference.predictor import resolve_device
 
-    load_config(None, overrides)
+    from ..data.manifest import check_case_count
+
+    # overrides and the case count fail before the data are read (fingerprinting reads every scan)
+    check_case_count(man, load_config(None, overrides).data.min_cases)
     return plan_manifest(man, run / "planned_config.yaml", device=resolve_device(device).type,
                          fingerprint_path=run / "fingerprint.json", overrides=overrides)
 
@@ -166,8 +169,9 @@ def _setup(man: Manifest, cfg: Optional[Config], run: Path, resume: bool, plan: 
         validate_cases(man, split[0] + split[1], min_cases=cfg.data.min_cases)
     else:
         cfg = cfg if cfg is not None else Config()
+        # every case a split can use, checked before splitting (whose warnings assume training goes ahead)
+        validate_cases(man, man.training + man.validation, min_cases=cfg.data.min_cases)
         split = split_cases(man, cfg.data.val_fraction, cfg.train.seed, cfg.data.folds, cfg.data.fold)
-        validate_cases(man, tuple(split[0]) + tuple(split[1]), min_cases=cfg.data.min_cases)
         if plan is None:
             log.info("fingerprinting %d training cases", len(split[0]))
             plan = make_plan(man, split[0], cfg, seed=cfg.train.seed)

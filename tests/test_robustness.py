@@ -229,6 +229,24 @@ def test_sform_wins_over_qform_and_the_mask_keeps_it(tiny_run, tmp_path):
     assert np.allclose(back.GetOrigin(), img.GetOrigin(), atol=1e-4) and back.GetSize() == img.GetSize()
 
 
+def test_a_scan_thinner_than_half_the_window_is_segmented_with_a_warning(tiny_run, tmp_path, caplog):
+    from volseg.training.run_folder import read_plan
+
+    plan = read_plan(tiny_run)
+    z = plan.patch_size[2]  # the training window's depth on the canonical grid
+    image, _ = make_case(7, "ct", (30, 30, 2 * z), tuple(plan.spacing))
+    for n, thin in ((z // 2 - 2, True), (z, False)):
+        scan = write_image(sitk.Cast(image[:, :, z - n // 2 : z - n // 2 + n], sitk.sitkInt16), tmp_path / f"slab{n}.nii.gz")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="volseg"):
+            assert main(["-q", "infer", str(scan), "--model", str(tiny_run), "--device", "cpu"]) == 0
+        err = caplog.text
+        assert (tmp_path / f"slab{n}_seg.nii.gz").is_file()
+        assert ("is thin" in err) == thin, err
+        if thin:
+            assert f"{n} voxels" in err and f"training window of {z} voxels" in err and "augment.slab_prob=0.3" in err
+
+
 def test_sheared_sform_is_refused(tmp_path):
     src = nib.load(str(_scan(tmp_path)))
     aff = src.affine.copy()

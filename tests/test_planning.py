@@ -57,6 +57,27 @@ def test_thick_slices_get_the_anisotropic_treatment(thick, iso):
     assert cfg_iso.model.pooling is None and "every level halves every axis" in comments_iso["model", "pooling"]
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32])
+def test_fingerprint_counts_every_label_value_exactly(thick, dtype):
+    """The label statistics count what np.bincount counts, the top uint8 value included; the
+    fingerprint's voxel fractions are those counts."""
+    import SimpleITK as sitk
+
+    from volseg.data.planning import _label_counts
+
+    a = np.random.default_rng(0).choice([0, 1, 3, 255], size=(9, 8, 7), p=[0.7, 0.2, 0.09, 0.01]).astype(dtype)
+    want = {int(v): int(n) for v, n in enumerate(np.bincount(a.ravel())) if n}
+    assert _label_counts(sitk.GetImageFromArray(a)) == want
+    man, fp = thick
+    total = {}
+    for case in man.training:
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label))).ravel()
+        for v, n in enumerate(np.bincount(arr)):
+            total[v] = total.get(v, 0) + int(n)
+    fractions = {c["value"]: c["voxel_fraction"] for c in fp["classes"]}
+    assert fractions == pytest.approx({v: total.get(v, 0) / sum(total.values()) for v in fractions})
+
+
 def test_rare_class_is_oversampled(iso):
     man, fp = iso
     cfg, comments = plan_config(fp, man, memory_gb=0.5)

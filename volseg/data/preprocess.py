@@ -93,14 +93,6 @@ def to_canonical(img: sitk.Image, orientation: str) -> sitk.Image:
     return sitk.DICOMOrient(img, orientation.upper())
 
 
-def _target_size(size: Sequence[int], old_spacing: Sequence[float], spacing: Sequence[float]) -> List[int]:
-    """Voxels per axis of a grid of ``size`` x ``old_spacing`` resampled to ``spacing`` (the size
-    itself when the spacing matches within 0.1%)."""
-    if np.allclose(old_spacing, spacing, rtol=1e-3):
-        return [int(n) for n in size]
-    return np.maximum(1, np.round(np.array(size) * np.array(old_spacing) / np.array(spacing, dtype=float))).astype(int).tolist()
-
-
 def _target_grid(img: sitk.Image, spacing: Sequence[float]) -> Tuple[List[int], Tuple[float, ...], Tuple[float, ...]]:
     """(size, origin, spacing) of ``img`` resampled to ``spacing``: the image's own grid when
     the spacing already matches within 0.1%, else a grid of the same physical extent."""
@@ -108,7 +100,7 @@ def _target_grid(img: sitk.Image, spacing: Sequence[float]) -> Tuple[List[int], 
     if np.allclose(old_sp, spacing, rtol=1e-3):
         return list(img.GetSize()), tuple(img.GetOrigin()), tuple(img.GetSpacing())
     new_sp = np.array(spacing, dtype=float)
-    size = np.array(_target_size(img.GetSize(), old_sp, new_sp))
+    size = np.maximum(1, np.round(np.array(img.GetSize()) * old_sp / new_sp)).astype(int)
     # keep the grid's physical extent centred: move the first voxel centre by half the spacing change
     d = np.array(img.GetDirection()).reshape(3, 3)
     origin = np.array(img.GetOrigin()) + d @ ((new_sp - old_sp) / 2)
@@ -217,9 +209,9 @@ def make_plan(manifest: Manifest, cases: Sequence[Case], cfg: Config, max_sample
     for case in cases:
         images, label = load_case(case)
         offsets = [hu_offset(img, sch, m, case.name) for img, sch, m in zip(images, schemes, manifest.modalities)]
-        canon, _, _ = canonical_geometry(images[0], cfg.data.orientation)
-        spacings.append(canon.spacing)
-        shapes.append(np.array(canon.size) * np.array(canon.spacing))  # extent, mm
+        canon, _, _ = canonical_geometry(images[0], cfg.data.orientation)  # geometry only, no pixel copy
+        spacings.append(canon.GetSpacing())
+        shapes.append(np.array(canon.GetSize()) * np.array(canon.GetSpacing()))  # extent, mm
         if label is not None:
             mask = sitk.GetArrayViewFromImage(label) > 0
             labelled += bool(mask.any())
@@ -317,12 +309,12 @@ def _check_input(images: Sequence[sitk.Image], plan: Plan, source: str) -> None:
         if diff:
             raise ImageReadError(f"{source}: channel {c} ({plan.channels[c]}) is not on the grid of channel 0 ({plan.channels[0]}): {diff}; resample the channels onto one grid first.")
     canon, _, _ = canonical_geometry(images[0], plan.orientation)  # the geometry only: no pixel is copied
-    size = _target_size(canon.size, canon.spacing, plan.spacing)
+    size, _, _ = _target_grid(canon, plan.spacing)
     axes = [a for a in range(3) if not (plan.spatial_dims == 2 and a == plan.slice_axis)]
-    small = any(canon.size[a] < MIN_VOXELS or size[a] < MIN_VOXELS for a in axes)
+    small = any(canon.GetSize()[a] < MIN_VOXELS or size[a] < MIN_VOXELS for a in axes)
     if small or int(np.prod(size)) > MAX_VOXELS:
         raise ImageReadError(
-            f"{source}: {list(canon.size)} voxels of {[round(s, 4) for s in canon.spacing]} mm ({plan.orientation} order) "
+            f"{source}: {list(canon.GetSize())} voxels of {[round(s, 4) for s in canon.GetSpacing()]} mm ({plan.orientation} order) "
             f"resample to {size} voxels at the model's {[round(s, 4) for s in plan.spacing]} mm; volseg needs at least {MIN_VOXELS} voxels along "
             f"each {'in-plane ' if plan.spatial_dims == 2 else ''}axis, before and after resampling, and at most {MAX_VOXELS:,} "
             "after (check the header's spacing)."

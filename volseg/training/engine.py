@@ -148,10 +148,9 @@ def _planned(man: Manifest, run: Path, device: str, overrides: Sequence[str]) ->
     """The planner's config for ``man`` on ``device``, with ``overrides`` applied (checked
     first: a mistyped key fails before the data are read)."""
     from ..config import load_config
+    from ..data.manifest import check_case_count
     from ..data.planning import plan_manifest
     from ..inference.predictor import resolve_device
-
-    from ..data.manifest import check_case_count
 
     # overrides and the case count fail before the data are read (fingerprinting reads every scan)
     check_case_count(man, load_config(None, overrides).data.min_cases)

@@ -669,8 +669,8 @@ class Predictor:
         its own statistics (instance or group norm): the window is padded with repeated edge
         voxels, and those statistics are then a thin slab's, not a training patch's. Measured
         (benchmarks/README.md, "Normalisation layer"): organ models with mean Dice 0.84-0.91 on
-        their training scan gave 0.34-0.37 on 14- and 20-slice slabs of it with instance norm
-        (0.64 when trained with ``augment.slab_prob=0.3``), 0.86-0.90 with batch norm, whose
+        their training scan gave 0.22-0.37 on 14- and 20-slice slabs of it with instance norm
+        (0.64 when trained with ``augment.slab_prob=0.3``), 0.69-0.90 with batch norm, whose
         statistics are fixed at training. A batch-norm (or norm-free) network is only logged."""
         roi = window_size(self.plan)
         thin = [a for a in range(3) if roi[a] > 1 and shape[a] < roi[a] / 2]
@@ -683,8 +683,8 @@ class Predictor:
             log.info("%s is thin: %s; padded with repeated edge voxels (model.norm=%s: fixed statistics, unaffected by the padding).",
                      source or "scan", what, self.norm)
             return
-        advice = ["retrain with --set model.norm=batch (per-window statistics are what thin scans break; "
-                  "it gave 0.86-0.90 where instance norm gave 0.34-0.37)"]
+        advice = ["retrain with --set model.norm=batch (fixed statistics: 0.69-0.90 on thin slabs where instance norm gave "
+                  "0.22-0.37, but less robust to scans from other sources)"]
         if self.plan.slice_axis not in thin:  # the slab augmentation thins data.slice_axis only
             advice.append(f"training patches thin along {'xyz'[thin[0]]} are not simulated by any augmentation")
         elif self.slab_prob:

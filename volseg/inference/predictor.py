@@ -680,7 +680,7 @@ class Predictor:
         what = ", ".join(f"{shape[a]} voxels ({shape[a] * sp[a]:.0f} mm) along {'xyz'[a]} ({self.plan.orientation[a]}) against a training window of {roi[a]} "
                          f"voxels ({roi[a] * sp[a]:.0f} mm)" for a in thin)
         if self.norm in ("batch", "none"):
-            log.info("%s is thin: %s; padded with repeated edge voxels (model.norm=%s: fixed statistics, unaffected by the padding).",
+            log.info("%s is thin: %s; padded with repeated edge voxels (model.norm=%s: no per-window statistics for the padding to change).",
                      source or "scan", what, self.norm)
             return
         advice = ["retrain with --set model.norm=batch (fixed statistics: 0.69-0.90 on thin slabs where instance norm gave "

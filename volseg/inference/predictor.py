@@ -494,8 +494,7 @@ class Predictor:
         infer, chosen = _postprocessing(run_dir, members[0][0].infer, overrides)
         pred = cls([m[2] for m in members], plan, infer, device, progress=progress)
         pred._own_layout()
-        pred.slab_prob = members[0][0].augment.slab_prob
-        pred.norm = members[0][0].model.norm
+        pred.trained = members[0][0]
         infos = [m[3] for m in members]
         pred.run_info = dict(infos[0]) if len(infos) == 1 else {"ensemble": infos}
         notes = [n for i in infos for n in i.pop("warnings", [])]
@@ -659,9 +658,8 @@ class Predictor:
         self._warn_if_thin(tuple(image.shape[1:]), source)
         return {"image": image, "box": self._crop(images, source), "preprocess_s": time.perf_counter() - t0}
 
-    #: ``augment.slab_prob`` and ``model.norm`` the run trained with (:meth:`from_run`; None: not known)
-    slab_prob: Optional[float] = None
-    norm: Optional[str] = None
+    #: the (first) run's config (:meth:`from_run`; None: not known), for advice on thin scans
+    trained: Optional[Config] = None
 
     def _warn_if_thin(self, shape: Sequence[int], source: str) -> None:
         """Warn when the preprocessed scan is less than half the training window along an axis
@@ -679,21 +677,23 @@ class Predictor:
         sp = self.plan.spacing
         what = ", ".join(f"{shape[a]} voxels ({shape[a] * sp[a]:.0f} mm) along {'xyz'[a]} ({self.plan.orientation[a]}) against a training window of {roi[a]} "
                          f"voxels ({roi[a] * sp[a]:.0f} mm)" for a in thin)
-        if self.norm in ("batch", "none"):
+        norm = self.trained.model.norm if self.trained else None
+        slab_prob = self.trained.augment.slab_prob if self.trained else None
+        if norm in ("batch", "none"):
             log.info("%s is thin: %s; padded with repeated edge voxels (model.norm=%s: no per-window statistics for the padding to change).",
-                     source or "scan", what, self.norm)
+                     source or "scan", what, norm)
             return
         advice = ["retrain with --set model.norm=batch (fixed statistics: 0.69-0.90 on thin slabs where instance norm gave "
                   "0.22-0.37, but less robust to scans from other sources)"]
         if self.plan.slice_axis not in thin:  # the slab augmentation thins data.slice_axis only
             advice.append(f"training patches thin along {'xyz'[thin[0]]} are not simulated by any augmentation")
-        elif self.slab_prob:
-            advice.append(f"this run trained with augment.slab_prob={self.slab_prob:g}")
+        elif slab_prob:
+            advice.append(f"this run trained with augment.slab_prob={slab_prob:g}")
         else:
             advice.append("or with --set augment.slab_prob=0.3 (0.64)")
         log.warning("%s is thin: %s. The rest of the window is repeated edge voxels, and this network normalises each window by its own "
                     "statistics (model.norm=%s), so expect lower accuracy than on whole scans; %s.", source or "scan", what,
-                    self.norm or "unknown", "; ".join(advice))
+                    norm or "unknown", "; ".join(advice))
 
     def predict(self, images: Sequence, source: str = "", probabilities: bool = False, prepared: Optional[dict] = None) -> dict:
         """SimpleITK image(s) (one per channel) -> ``{"labels": [z, y, x] label values on the

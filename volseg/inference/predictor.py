@@ -669,7 +669,8 @@ class Predictor:
         (benchmarks/README.md, "Normalisation layer"): organ models with mean Dice 0.84-0.91 on
         their training scan gave 0.22-0.37 on 14- and 20-slice slabs of it with instance norm
         (0.64 when trained with ``augment.slab_prob=0.3``), 0.69-0.90 with batch norm, whose
-        statistics are fixed at training. A batch-norm (or norm-free) network is only logged."""
+        statistics are fixed at training, but which found nothing on a scan of another contrast
+        phase ("Batch norm on the aorta split"). A batch-norm (or norm-free) network is only logged."""
         roi = window_size(self.plan)
         thin = [a for a in range(3) if roi[a] > 1 and shape[a] < roi[a] / 2]
         if not thin:
@@ -684,7 +685,7 @@ class Predictor:
                      source or "scan", what, norm)
             return
         advice = ["retrain with --set model.norm=batch (fixed statistics: 0.69-0.90 on thin slabs where instance norm gave "
-                  "0.22-0.37, but less robust to scans from other sources)"]
+                  "0.22-0.37; for thin scans like the training sources' only: on another contrast phase it found nothing in 6 of 6 runs)"]
         if self.plan.slice_axis not in thin:  # the slab augmentation thins data.slice_axis only
             advice.append(f"training patches thin along {'xyz'[thin[0]]} are not simulated by any augmentation")
         elif slab_prob:

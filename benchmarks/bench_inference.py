@@ -33,7 +33,7 @@ phantoms (``--modality`` ct or mr; volseg's trainer, the default config) and a h
 is segmented, so the agreement rows mean something, and each row's Dice against the phantom's
 reference label map (accuracy) is reported as well; otherwise the network (``--features``) is untrained (random
 weights, zero biases) and only the speed and memory rows mean something.
-``--lower-bound`` prints :func:`volseg.inference.predictor.plan_memory` for the scan.
+``--lower-bound`` prints :func:`volseg.inference.windows.estimate_memory` for the scan.
 
     python benchmarks/bench_inference.py --train-steps 60 --rows monai exact volseg crop window overlap
     python benchmarks/bench_inference.py --shape 512 512 300 --classes 14 --features 4 8 --roi 96 96 96 --repeat 1 --rows monai monai_lowmem volseg
@@ -108,10 +108,20 @@ def _sync(device) -> None:
 def _recipe(job: dict, lowmem: bool) -> dict:
     import torch
     from monai.inferers import SlidingWindowInferer
-    from monai.transforms import (AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged, NormalizeIntensityd, Orientationd,
-                                  SaveImaged, ScaleIntensityRanged, Spacingd)
+    from monai.transforms import (
+        AsDiscreted,
+        Compose,
+        EnsureChannelFirstd,
+        Invertd,
+        LoadImaged,
+        NormalizeIntensityd,
+        Orientationd,
+        SaveImaged,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
 
-    from volseg.inference.predictor import Predictor
+    from volseg.inference import Predictor
 
     pred = Predictor.from_run(job["run"], device=job["device"])
     # the network as a MONAI user builds and loads it: contiguous parameters. (from_run gives
@@ -155,7 +165,7 @@ def _recipe(job: dict, lowmem: bool) -> dict:
 
 def _volseg(job: dict) -> dict:
     from volseg.data.io import read_image, write_label_like
-    from volseg.inference.predictor import Predictor
+    from volseg.inference import Predictor
 
     pred = Predictor.from_run(job["run"], device=job["device"], overrides=job["overrides"])
     rss0 = _rss_mib()
@@ -219,13 +229,13 @@ def make_untrained_run(folder: Path, features: Sequence[int], classes: int, roi:
     import yaml
 
     from volseg.config import from_dict, to_dict
-    from volseg.data.preprocess import ChannelNorm, Plan
+    from volseg.data.plan import ChannelNorm, PreprocessingPlan
     from volseg.nets import build_network
 
     folder.mkdir(parents=True, exist_ok=True)
     cfg = from_dict({"model": {"features": list(features), "norm": "instance", "deep_supervision": False},
                      "data": {"patch_size": list(roi)}, "infer": {"batch_size": batch}})
-    plan = Plan(spacing=tuple(spacing), orientation="RAS", channels=("CT",), norms=(ChannelNorm("ct", -1000.0, 1000.0, -1000.0, 2000.0),),
+    plan = PreprocessingPlan(spacing=tuple(spacing), orientation="RAS", channels=("CT",), norms=(ChannelNorm("ct", -1000.0, 1000.0, -1000.0, 2000.0),),
                 label_values=tuple(range(classes)), label_names=tuple(f"class{i}" for i in range(classes)), spatial_dims=3,
                 patch_size=tuple(roi), slice_axis=2)
     torch.manual_seed(0)
@@ -372,10 +382,11 @@ def lower_bound(run: Path, image: Path, rows_batch: int) -> Dict[str, float]:
     """volseg's own sizing (plan_memory) for this scan, without the crop, and the recipe's."""
     import SimpleITK as sitk
 
-    from volseg.data.preprocess import Plan, canonical_geometry
-    from volseg.inference.predictor import plan_memory, window_size
+    from volseg.data.plan import PreprocessingPlan
+    from volseg.inference.windows import estimate_memory, window_size
+    from volseg.preprocessing.geometry import canonical_geometry
 
-    plan = Plan.from_json((run / "plan.json").read_text(encoding="utf-8"))
+    plan = PreprocessingPlan.from_json((run / "plan.json").read_text(encoding="utf-8"))
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(image))
     reader.ReadImageInformation()
@@ -385,7 +396,7 @@ def lower_bound(run: Path, image: Path, rows_batch: int) -> Dict[str, float]:
     size, spacing = reader.GetSize(), reader.GetSpacing()
     scan = [size[p] for p in perm]
     sp = [spacing[p] for p in perm]
-    parts = plan_memory(scan, sp, plan.spacing, plan.out_channels, window_size(plan), batch_size=rows_batch)
+    parts = estimate_memory(scan, sp, plan.spacing, plan.out_channels, window_size(plan), batch_size=rows_batch)
     pre = float(np.prod([max(1, round(n * s / t)) for n, s, t in zip(scan, sp, plan.spacing)]))
     parts["monai_recipe_total"] = recipe_bytes(parts, plan.out_channels, float(np.prod(scan)), pre)
     return parts

@@ -62,8 +62,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from volseg.config import ModelConfig
-    from volseg.inference.predictor import amp_dtype
     from volseg.nets import build_network
+    from volseg.runtime import amp_dtype
 
     args = parse(argv)
     if args.threads:

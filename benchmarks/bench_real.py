@@ -204,7 +204,7 @@ def plan(manifest: Path, work: Path, memory_gb: float, sets: Sequence[str], devi
     """volseg's planned config for the training sources (``volseg plan MANIFEST --memory``)
     with ``sets`` on top; the commented YAML is kept in ``work``."""
     from volseg.data.manifest import load_manifest
-    from volseg.data.planning import plan_manifest
+    from volseg.planning import plan_manifest
 
     return plan_manifest(load_manifest(manifest), work / "planned_config.yaml", memory_gb=memory_gb, device=device, overrides=list(sets))
 
@@ -235,8 +235,17 @@ def _run_volseg(job: dict) -> dict:
 
 def _tutorial_transforms(spacing, patch, num_samples: Optional[int]):
     """The spleen tutorial's chain; the random crop only when ``num_samples`` is given."""
-    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged, Orientationd, RandCropByPosNegLabeld,
-                                  ScaleIntensityRanged, Spacingd, SpatialPadd)
+    from monai.transforms import (
+        Compose,
+        CropForegroundd,
+        EnsureChannelFirstd,
+        LoadImaged,
+        Orientationd,
+        RandCropByPosNegLabeld,
+        ScaleIntensityRanged,
+        Spacingd,
+        SpatialPadd,
+    )
 
     keys = ["image", "label"] if num_samples else ["image"]
     chain = [
@@ -410,7 +419,7 @@ def report(results: Dict[int, Dict[str, List[dict]]]) -> str:
         for side, runs in sides.items():
             ok = [r for r in runs if "error" not in r]
             per_seed = ", ".join(f"{r['dice']:.3f}" if "error" not in r else "failed" for r in runs)
-            mean = lambda k: f"{statistics.mean(r[k] for r in ok):.0f}" if ok else "-"  # noqa: E731
+            mean = lambda k, ok=ok: f"{statistics.mean(r[k] for r in ok):.0f}" if ok else "-"  # noqa: E731
             lines.append(f"| {steps} | {side} | {per_seed} | {_mean_sd([r['dice'] for r in ok])} | {mean('train_s')} | {mean('infer_s')} |")
     lines.append("")
     for steps, sides in results.items():  # per structure, when the task has several

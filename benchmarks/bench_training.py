@@ -168,12 +168,12 @@ def _run_loop(job: dict) -> dict:
     from monai.utils import set_determinism
 
     from volseg.config import from_dict
-    from volseg.data.preprocess import Plan
-    from volseg.inference.predictor import amp_dtype
+    from volseg.data.plan import PreprocessingPlan
     from volseg.nets import build_network
+    from volseg.runtime import amp_dtype
 
     clock = StepClock()
-    cfg, plan = from_dict(job["config"]), Plan.from_json(job["plan"])
+    cfg, plan = from_dict(job["config"]), PreprocessingPlan.from_json(job["plan"])
     t, dev = cfg.train, torch.device(job["device"])
     set_determinism(seed=t.seed)
     num_samples = max(1, min(cfg.data.samples_per_volume, t.batch_size))  # as volseg: batch_size patches per step
@@ -363,7 +363,7 @@ def _jobs(data: str, tmp: Path, args) -> dict:
     """Data, resolved config and plan for one dataset; the plan as volseg's train() computes it."""
     from volseg.config import load_config, to_dict
     from volseg.data.manifest import load_manifest
-    from volseg.data.preprocess import make_plan
+    from volseg.planning import plan_cases
 
     t0 = time.perf_counter()
     manifest = make_demo_data(tmp / "demo") if data == "demo" else make_ct_case(tmp / "ct")
@@ -373,7 +373,7 @@ def _jobs(data: str, tmp: Path, args) -> dict:
     cfg = load_config(args.config, sets + list(args.set or []))
     man = load_manifest(manifest)
     t0 = time.perf_counter()
-    plan = make_plan(man, man.training, cfg, seed=cfg.train.seed)
+    plan = plan_cases(man, man.training, cfg, seed=cfg.train.seed)
     planning = time.perf_counter() - t0
     files = [{"image": str(c.images[0]), "label": str(c.label)} for c in man.training]
     print(f"{data}: {len(files)} case(s) made in {made:.0f} s; plan {planning:.1f} s: spacing {[round(s, 3) for s in plan.spacing]} mm, "

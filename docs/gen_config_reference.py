@@ -40,7 +40,6 @@ sys.path.insert(0, str(ROOT))
 
 import volseg.config as config  # noqa: E402
 
-
 HEADER = """\
 # Configuration reference
 

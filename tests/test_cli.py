@@ -54,7 +54,7 @@ def test_no_carriage_returns_when_stderr_is_a_pipe(tiny_dataset, tmp_path):
     ]
     err = ""
     for args in steps:
-        proc = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=600)
+        proc = subprocess.run(args, capture_output=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
         err += proc.stderr.decode(errors="replace")
     assert "\r" not in err

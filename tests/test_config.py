@@ -1,9 +1,10 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from volseg.config import ConfigError, Config, apply_overrides, from_dict, load_config, shipped_configs, to_dict
+from volseg.config import Config, ConfigError, apply_overrides, from_dict, load_config, shipped_configs, to_dict
 
 
 def test_defaults_roundtrip():
@@ -103,5 +104,5 @@ def test_config_by_shipped_name(tmp_path, monkeypatch):
 
 def test_frozen():
     cfg = Config()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.epochs = 3  # type: ignore[misc]

@@ -16,9 +16,9 @@ import yaml
 from volseg.cli import main
 from volseg.config import InferConfig
 from volseg.data.manifest import load_manifest
-from volseg.data.preprocess import ChannelNorm, Plan
-from volseg.inference.predictor import Predictor
-from volseg.training.run_folder import RunFolderError
+from volseg.data.plan import ChannelNorm, PreprocessingPlan
+from volseg.inference import ModelBundle, Predictor
+from volseg.runfolder import RunFolderError
 
 from .conftest import TINY
 
@@ -36,7 +36,7 @@ def cv_parent(tiny_dataset, tmp_path_factory) -> Path:
 
 
 def _dice(pred: np.ndarray, truth: np.ndarray, values) -> float:
-    from volseg.training.handlers import dice_per_class
+    from volseg.metrics import dice_per_class
 
     return float(np.mean([dice_per_class((pred == v).astype(np.uint8), (truth == v).astype(np.uint8), 2)[0] for v in values]))
 
@@ -58,7 +58,7 @@ def test_folds_partition_the_training_cases_and_share_one_plan(cv_parent, tiny_d
 
 
 def test_each_fold_logs_to_its_own_file_and_resume_skips_finished_folds(cv_parent, tiny_dataset, tmp_path):
-    from volseg.training.folds import train_folds
+    from volseg.workflows import train_folds
 
     assert "fold_1" not in (cv_parent / "fold_0" / "train.log").read_text()
     parent = shutil.copytree(cv_parent, tmp_path / "parent")
@@ -79,7 +79,7 @@ def test_fold_with_another_config_is_refused(cv_parent, tiny_dataset, capsys):
 def test_folds_refuse_an_explicit_validation_list_and_too_few_cases(tiny_dataset, tmp_path):
     from volseg.config import load_config
     from volseg.data.manifest import ManifestError
-    from volseg.training.folds import train_folds
+    from volseg.workflows import train_folds
 
     data = json.loads(tiny_dataset.read_text())
     data = {**data, "training": [{k: str(tiny_dataset.parent / v) for k, v in e.items()} for e in data["training"]]}
@@ -94,7 +94,7 @@ def test_folds_refuse_an_explicit_validation_list_and_too_few_cases(tiny_dataset
 
 def test_ensemble_averages_fold_probabilities_and_is_no_worse_than_its_worst_fold(cv_parent, tiny_dataset):
     from volseg.data.io import read_channels, read_label
-    from volseg.data.preprocess import preprocess
+    from volseg.preprocessing.pipeline import preprocess
 
     raw = {"largest_component": []}
     folds = [Predictor.from_run(cv_parent / f"fold_{k}", device="cpu", overrides=raw) for k in (0, 1)]
@@ -145,13 +145,13 @@ def test_ensemble_holds_the_buffers_of_one_model():
     the largest allocation is the same (a window batch, or the ring)."""
     from monai.inferers import sliding_window_inference
 
-    plan = Plan(spacing=(1.0, 1.0, 1.0), orientation="RAS", channels=("CT",), norms=(ChannelNorm("zscore"),), label_values=(0, 1, 2, 3),
+    plan = PreprocessingPlan(spacing=(1.0, 1.0, 1.0), orientation="RAS", channels=("CT",), norms=(ChannelNorm("zscore"),), label_values=(0, 1, 2, 3),
                 label_names=("bg", "a", "b", "c"), spatial_dims=3, patch_size=(16, 16, 8), slice_axis=2)
     x = torch.randn(1, 40, 36, 44)
     infer = InferConfig(crop="none", overlap=0.5, batch_size=2)
     counts = {}
     for n in (1, 3):
-        pred = Predictor([_toy_net(s) for s in range(n)], plan, infer, "cpu")
+        pred = Predictor(ModelBundle.of([_toy_net(s) for s in range(n)], plan), infer, "cpu")
         with _FullVolumeCounter(x.shape[1:]) as c:
             pred.predict_index(x)
         counts[n] = (len(c.storages), c.largest)
@@ -203,7 +203,7 @@ def _fake_run(tmp_path: Path, parent: Path, manifest: Path, islands: bool, one_k
 
 
 def test_postprocessing_switches_on_only_where_it_raises_dice(cv_parent, tiny_dataset, tmp_path):
-    from volseg.evaluation.cv import learn_postprocessing
+    from volseg.postprocessing import learn_postprocessing
 
     assert learn_postprocessing(_fake_run(tmp_path, cv_parent, tiny_dataset, islands=True)) == [1]
     rule = json.loads((tmp_path / "islands" / "postprocessing.json").read_text())["labels"]

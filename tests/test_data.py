@@ -12,7 +12,10 @@ import SimpleITK as sitk
 from volseg.config import AugmentConfig, load_config
 from volseg.data.io import read_image, read_label, write_image
 from volseg.data.manifest import ManifestError, load_manifest, split_cases, validate_cases
-from volseg.data.preprocess import Plan, make_plan, preprocess, restore_labels
+from volseg.data.plan import PreprocessingPlan
+from volseg.planning import plan_cases
+from volseg.preprocessing.pipeline import preprocess
+from volseg.preprocessing.restore import restore_labels
 
 #: every augmentation's probability key
 AUG_PROBS = [f for f in AugmentConfig.__dataclass_fields__ if f.endswith("_prob")]
@@ -126,7 +129,7 @@ def test_preprocess_then_restore_is_identity_on_geometry(direction, spacing):
     lab[((zz - 10) ** 2 / 25 + (yy - 12) ** 2 / 25 + (xx - 17) ** 2 / 16) < 1] = 2
     image = _img((lab * 50).astype(np.float32), spacing, tuple(d), origin=(3.0, -7.0, 11.0))
     label = _img(lab, spacing, tuple(d), origin=(3.0, -7.0, 11.0))
-    plan = Plan(spacing=(1.5, 1.5, 1.5), orientation="RAS", channels=("MR",), norms=(__import__("volseg.data.preprocess", fromlist=["ChannelNorm"]).ChannelNorm("zscore"),),
+    plan = PreprocessingPlan(spacing=(1.5, 1.5, 1.5), orientation="RAS", channels=("MR",), norms=(__import__("volseg.data.plan", fromlist=["ChannelNorm"]).ChannelNorm("zscore"),),
                 label_values=(0, 1, 2), label_names=("bg", "a", "b"), spatial_dims=3, patch_size=(16, 16, 16), slice_axis=2)
     pre = preprocess([image], plan, label)
     assert pre["image"].dtype == np.float32 and pre["label"].dtype == np.uint8
@@ -141,7 +144,7 @@ def test_preprocess_then_restore_is_identity_on_geometry(direction, spacing):
     # at the scan's own (canonical) spacing there is no interpolation: the round trip is exact
     from dataclasses import replace
 
-    from volseg.data.preprocess import to_canonical
+    from volseg.preprocessing.geometry import to_canonical
 
     exact = replace(plan, spacing=to_canonical(image, "RAS").GetSpacing())
     pre = preprocess([image], exact, label)
@@ -152,7 +155,7 @@ def test_preprocess_then_restore_is_identity_on_geometry(direction, spacing):
 def test_ct_plan_statistics(tiny_dataset):
     m = load_manifest(tiny_dataset)
     cfg = load_config(None, ["data.patch_size=[24,24,16]"])
-    plan = make_plan(m, m.training, cfg)
+    plan = plan_cases(m, m.training, cfg)
     n = plan.norms[0]
     assert n.scheme == "ct" and n.lo < n.mean < n.hi and n.std > 0
     assert -200 < n.mean < 300  # soft-tissue HU, not raw/garbage
@@ -169,7 +172,7 @@ def _patch_hits(ratios, n=120):
     lab = np.zeros((1, 40, 40, 40), np.uint8)
     lab[0, 5:35, 5:35, 5:20] = 1
     lab[0, 30:33, 30:33, 30:33] = 2  # 27 voxels, far from class 1
-    plan = Plan(spacing=(1, 1, 1), orientation="RAS", channels=("MR",), norms=(), label_values=(0, 1, 2), label_names=("bg", "a", "b"),
+    plan = PreprocessingPlan(spacing=(1, 1, 1), orientation="RAS", channels=("MR",), norms=(), label_values=(0, 1, 2), label_names=("bg", "a", "b"),
                 spatial_dims=3, patch_size=(8, 8, 8), slice_axis=2)
     cfg = load_config(None, ["data.patch_size=[8,8,8]", f"data.class_ratios={list(ratios)}"] + _augment(0))
     item = cached_transforms(plan)({"image": np.zeros((1, 40, 40, 40), np.float32), "label": lab})
@@ -211,7 +214,7 @@ def test_slab_augmentation_thins_the_patch_as_inference_pads_a_thin_scan():
 
     from volseg.data.transforms import SLAB_MIN, cached_transforms, random_transforms
 
-    plan = Plan(spacing=(1, 1, 1), orientation="RAS", channels=("MR",), norms=(), label_values=(0, 1), label_names=("bg", "a"),
+    plan = PreprocessingPlan(spacing=(1, 1, 1), orientation="RAS", channels=("MR",), norms=(), label_values=(0, 1), label_names=("bg", "a"),
                 spatial_dims=3, patch_size=(8, 8, 12), slice_axis=2)
     image = torch.arange(20 * 20 * 30, dtype=torch.float32).reshape(1, 20, 20, 30)  # every z slice distinct
     label = (image % 7 == 0).to(torch.uint8)
@@ -267,7 +270,7 @@ def test_label_intensity_offsets_each_structure_alone():
 def test_every_augmentation_on_keeps_shapes_and_labels(dims, patch):
     from volseg.data.transforms import cached_transforms, random_transforms
 
-    plan = Plan(spacing=(1, 1, 1), orientation="RAS", channels=("MR",), norms=(), label_values=(0, 1), label_names=("bg", "a"),
+    plan = PreprocessingPlan(spacing=(1, 1, 1), orientation="RAS", channels=("MR",), norms=(), label_values=(0, 1), label_names=("bg", "a"),
                 spatial_dims=dims, patch_size=tuple(patch), slice_axis=2)
     cfg = load_config(None, [f"model.spatial_dims={dims}", f"data.patch_size={patch}"] + _augment(1))
     lab = np.zeros((1, 40, 40, 30), np.uint8)
@@ -283,11 +286,11 @@ def test_every_augmentation_on_keeps_shapes_and_labels(dims, patch):
 
 def test_restore_keeps_the_outermost_layers():
     """When the resampled grid rounds down, the scan's last layers must not come back empty."""
-    from volseg.data.preprocess import ChannelNorm
+    from volseg.data.plan import ChannelNorm
 
     lab = np.ones((20, 40, 87), np.uint8)  # [z, y, x]: every voxel foreground
     image = _img(lab.astype(np.float32), spacing=(0.8, 0.8, 2.5))
-    plan = Plan(spacing=(1.5, 1.5, 2.0), orientation="RAS", channels=("MR",), norms=(ChannelNorm("zscore"),), label_values=(0, 1),
+    plan = PreprocessingPlan(spacing=(1.5, 1.5, 2.0), orientation="RAS", channels=("MR",), norms=(ChannelNorm("zscore"),), label_values=(0, 1),
                 label_names=("bg", "a"), spatial_dims=3, patch_size=(16, 16, 16), slice_axis=2)
     pre = preprocess([image], plan, _img(lab, spacing=(0.8, 0.8, 2.5)))
     probs = pre["label"].astype(np.float16)  # binary plan: one sigmoid channel
@@ -308,7 +311,7 @@ def test_ct_window_keeps_soft_tissue_contrast_for_a_bright_foreground(tmp_path):
     write_image(_img(body.astype(np.int16)), tmp_path / "a.nii.gz")
     write_image(_img(lab), tmp_path / "a_lab.nii.gz")
     m = load_manifest(_write_manifest(tmp_path, [{"image": "a.nii.gz", "label": "a_lab.nii.gz"}]))
-    plan = make_plan(m, m.training, load_config(None, ["data.patch_size=[16,16,16]"]))
+    plan = plan_cases(m, m.training, load_config(None, ["data.patch_size=[16,16,16]"]))
     n = plan.norms[0]
     assert n.lo == -160.0 and n.hi > 590  # widened below, the foreground's own top kept
     assert 300 < n.mean < 600  # z-scored with the foreground's statistics
@@ -316,7 +319,7 @@ def test_ct_window_keeps_soft_tissue_contrast_for_a_bright_foreground(tmp_path):
     background = np.unique(np.round(pre["image"][0][pre["label"][0] == 0], 3))
     assert len(background) == 3  # fat, water, muscle: three values (one under the percentile window)
     # a foreground already spanning soft tissue keeps nnU-Net's percentile window
-    from volseg.data.preprocess import ct_window
+    from volseg.preprocessing.intensity import ct_window
 
     assert ct_window(-300.0, 400.0) == (-300.0, 400.0) and ct_window(-2.0, 1621.0) == (-160.0, 1621.0)
 
@@ -331,7 +334,7 @@ def test_cases_smaller_than_the_patch_are_padded_with_their_edge_voxels(tiny_dat
     from volseg.data.transforms import cached_transforms
 
     m = load_manifest(tiny_dataset)
-    plan = replace(make_plan(m, m.training, load_config(None, ["data.patch_size=[24,24,16]"])), patch_size=(8, 8, 12))
+    plan = replace(plan_cases(m, m.training, load_config(None, ["data.patch_size=[24,24,16]"])), patch_size=(8, 8, 12))
     image = torch.arange(2 * 8 * 8 * 4, dtype=torch.float32).reshape(2, 8, 8, 4) + 100
     label = torch.zeros(1, 8, 8, 4, dtype=torch.uint8)
     label[..., -1] = 1
@@ -353,11 +356,12 @@ def test_ct_stored_without_its_rescale_intercept_is_read_as_hu(tiny_dataset, cap
     import shutil
 
     from volseg.data.io import ImageReadError
-    from volseg.data.preprocess import BODY_HU, foreground_box, preprocess_torch
+    from volseg.preprocessing.crop import foreground_box
+    from volseg.preprocessing.intensity import BODY_HU
 
     m = load_manifest(tiny_dataset)
     cfg = load_config(None, ["data.patch_size=[24,24,16]"])
-    plan = make_plan(m, m.training, cfg)
+    plan = plan_cases(m, m.training, cfg)
     hu = read_image(m.training[0].images[0])
     assert sitk.GetArrayViewFromImage(hu).min() < BODY_HU  # the phantom has air
     stored = sitk.Cast(hu + 1024, sitk.sitkUInt16)
@@ -366,7 +370,7 @@ def test_ct_stored_without_its_rescale_intercept_is_read_as_hu(tiny_dataset, cap
         got = preprocess([stored], plan, source="offset.nii.gz")["image"]
     assert np.allclose(got, want, atol=1e-5)
     assert any("offset.nii.gz" in r.getMessage() and "1024 is subtracted" in r.getMessage() for r in caplog.records)
-    assert np.allclose(preprocess_torch([stored], plan).numpy(), preprocess_torch([hu], plan).numpy(), atol=1e-5)
+    assert np.allclose(preprocess([stored], plan, device="cpu")["image"].numpy(), preprocess([hu], plan, device="cpu")["image"].numpy(), atol=1e-5)
     assert foreground_box([stored], plan, 0.0) == foreground_box([hu], plan, 0.0) != ((0, want.shape[1]), (0, want.shape[2]), (0, want.shape[3]))
 
     # a manifest of such scans plans the same HU window as one in HU
@@ -375,7 +379,7 @@ def test_ct_stored_without_its_rescale_intercept_is_read_as_hu(tiny_dataset, cap
     m2 = load_manifest(root / tiny_dataset.name)
     for case in m2.training:
         write_image(sitk.Cast(read_image(case.images[0]) + 1024, sitk.sitkUInt16), case.images[0])
-    n, n2 = plan.norms[0], make_plan(m2, m2.training, cfg).norms[0]
+    n, n2 = plan.norms[0], plan_cases(m2, m2.training, cfg).norms[0]
     assert np.allclose([n.lo, n.hi, n.mean, n.std], [n2.lo, n2.hi, n2.mean, n2.std], atol=1e-3)
 
     eight_bit = sitk.Cast(sitk.IntensityWindowing(hu, -160, 240, 0, 255), sitk.sitkUInt8)
@@ -393,15 +397,13 @@ def test_ct_stored_without_its_rescale_intercept_is_read_as_hu(tiny_dataset, cap
 def test_no_left_right_mirroring_for_lateral_labels(names, orientation, dims, flipped):
     """Training flips and mirroring TTA skip the left-right axis when a label is lateral: a flipped
     left kidney would still be labelled left, teaching the network to confuse the sides."""
-    from types import SimpleNamespace
-
     import torch
 
     from volseg.data.transforms import cached_transforms, mirror_axes, random_transforms
-    from volseg.inference.predictor import Predictor
+    from volseg.inference.tta import mirror_flips
 
     patch = (8, 8, 8) if dims == 3 else (8, 8)
-    plan = Plan(spacing=(1, 1, 1), orientation=orientation, channels=("MR",), norms=(), label_values=(0, 1, 2), label_names=names,
+    plan = PreprocessingPlan(spacing=(1, 1, 1), orientation=orientation, channels=("MR",), norms=(), label_values=(0, 1, 2), label_names=names,
                 spatial_dims=dims, patch_size=patch, slice_axis=2)
     assert mirror_axes(plan) == list(flipped)
     cfg = load_config(None, [f"model.spatial_dims={dims}", f"data.patch_size={list(patch)}", "augment.flip_prob=1"] + _augment(0, but="flip_prob"))
@@ -411,5 +413,5 @@ def test_no_left_right_mirroring_for_lateral_labels(names, orientation, dims, fl
     want = image if dims == 3 else image[..., 0]
     want = torch.flip(want, [1 + (a if dims == 3 else [0, 1].index(a)) for a in flipped])
     assert torch.equal(torch.as_tensor(out), want)
-    tta = Predictor._flips(SimpleNamespace(infer=SimpleNamespace(tta=True), plan=plan))
+    tta = mirror_flips(plan, True)
     assert sorted({d for f in tta for d in f}) == [2 + a for a in flipped] and len(tta) == 2 ** len(flipped)

@@ -122,7 +122,7 @@ def test_two_ranks_equal_one_process_and_summary(tiny_run, scans, tmp_path):
 
 
 def test_prefetch_same_outputs_and_reads_ahead(tiny_run, scans, tmp_path, monkeypatch):
-    from volseg.inference.predictor import Predictor
+    from volseg.inference import Predictor
 
     loads, from_run = [], Predictor.from_run
     monkeypatch.setattr(Predictor, "from_run", staticmethod(lambda *a, **k: loads.append(a) or from_run(*a, **k)))

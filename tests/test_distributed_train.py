@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from volseg.config import AugmentConfig, load_config
+from volseg.runfolder import read_config, read_plan
 from volseg.training import engine, train
-from volseg.training.run_folder import read_config, read_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_AUGMENT = [f"augment.{f.name}=0" for f in dataclasses.fields(AugmentConfig) if f.name.endswith("_prob")]
@@ -167,8 +167,8 @@ def test_only_rank_zero_writes_the_run_folder_and_logs(ddp_runs):
     events = [f for f in files if f.startswith("tb/")]
     val = sorted(f for f in files if f.startswith("val_predictions/"))
     assert [f for f in files if not f.startswith(("tb/", "val_predictions/"))] == [
-        ".lock", "best.pt", "config.yaml", "dataset.json", "last.pt", "metrics.csv", "plan.json", "postprocessing.json", "train.log",
-        "versions.json"]
+        ".lock", "best.pt", "config.yaml", "dataset.json", "fingerprint.json", "last.pt", "metrics.csv", "plan.json", "postprocessing.json",
+        "train.log", "versions.json"]
     # the final validation predictions: one file per validation case, written once (by rank 0)
     assert len([f for f in val if f.endswith("_seg.nii.gz")]) == len(json.loads((whole / "dataset.json").read_text())["validation"])
     assert len(events) == 1, f"one TensorBoard writer expected, found {events}"
@@ -185,10 +185,10 @@ def test_only_rank_zero_writes_the_run_folder_and_logs(ddp_runs):
 
 def test_validation_is_split_over_ranks_and_matches_one_process(ddp_runs):
     from volseg.data.manifest import load_manifest
-    from volseg.data.preprocess import preprocess_case
-    from volseg.inference.predictor import Predictor
-    from volseg.training.handlers import dice_per_class
-    from volseg.training.run_folder import stored_split
+    from volseg.inference import Predictor
+    from volseg.metrics import dice_per_class
+    from volseg.preprocessing.pipeline import preprocess_case
+    from volseg.runfolder import stored_split
 
     whole = ddp_runs["whole"]
     log = (whole / "train.log").read_text(encoding="utf-8")

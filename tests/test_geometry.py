@@ -15,7 +15,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from volseg.data.io import read_image, write_image, write_label_like
-from volseg.data.preprocess import MIN_VOXELS, ChannelNorm, Plan, _target_grid, preprocess, restore_labels, to_canonical
+from volseg.data.plan import ChannelNorm, PreprocessingPlan
+from volseg.preprocessing.geometry import target_grid, to_canonical
+from volseg.preprocessing.pipeline import MIN_VOXELS, preprocess
+from volseg.preprocessing.restore import restore_labels
 
 LABEL_VALUES = (0, 2, 5)
 PERMUTATIONS = list(itertools.permutations(range(3)))
@@ -52,8 +55,8 @@ def grids(draw):
     return img
 
 
-def _plan(spacing) -> Plan:
-    return Plan(
+def _plan(spacing) -> PreprocessingPlan:
+    return PreprocessingPlan(
         spacing=tuple(float(s) for s in spacing),
         orientation="RAS",
         channels=("CT",),
@@ -95,7 +98,7 @@ def test_nifti_round_trip_keeps_grid_and_header(img, target):
     """Any target spacing: the mask is written on exactly the scan's grid, and its NIfTI header
     equals the scan's (affine, qform/sform and their codes)."""
     plan = _plan(target)
-    assume(min(_target_grid(to_canonical(img, "RAS"), target)[0]) >= MIN_VOXELS)  # else refused (test_robustness)
+    assume(min(target_grid(to_canonical(img, "RAS"), target)[0]) >= MIN_VOXELS)  # else refused (test_robustness)
     with tempfile.TemporaryDirectory() as tmp:
         ref_path = write_image(img, Path(tmp) / "scan.nii.gz")
         ref = read_image(ref_path)

@@ -11,7 +11,9 @@ import yaml
 from volseg.cli import main
 from volseg.config import ModelConfig, load_config
 from volseg.data.manifest import is_ct_modality, load_manifest
-from volseg.data.planning import fingerprint, measure_step_memory, plan_config, render_plan
+from volseg.planning.fingerprint import fingerprint
+from volseg.planning.memory import measure_step_memory
+from volseg.planning.planner import plan_config, render_plan
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,7 @@ def test_fingerprint_counts_every_label_value_exactly(thick, dtype):
     fingerprint's voxel fractions are those counts."""
     import SimpleITK as sitk
 
-    from volseg.data.planning import _label_counts
+    from volseg.planning.fingerprint import _label_counts
 
     a = np.random.default_rng(0).choice([0, 1, 3, 255], size=(9, 8, 7), p=[0.7, 0.2, 0.09, 0.01]).astype(dtype)
     want = {int(v): int(n) for v, n in enumerate(np.bincount(a.ravel())) if n}
@@ -109,7 +111,7 @@ def test_a_spacing_override_is_planned_at_not_pasted_over(iso, tmp_path):
     """``--set data.spacing`` (``volseg train`` without --config, ``volseg plan``): patch and
     depth are fitted to that spacing, so the patch covers the same field of view as the data,
     not the median-spacing patch's voxel count at 3x the millimetres."""
-    from volseg.data.planning import plan_manifest
+    from volseg.planning import plan_manifest
 
     man, fp = iso
     median = plan_config(fp, man, memory_gb=1.0)[0]
@@ -138,7 +140,7 @@ def test_a_thin_training_slab_still_gets_a_deep_network():
     """A 10-slice training scan at an isotropic spacing: the short axis stops pooling at 4
     voxels while the in-plane axes go on, so the network is not limited to 2 levels (as when
     every axis pooled alike)."""
-    from volseg.data.planning import _pooling
+    from volseg.planning.planner import _pooling
 
     assert _pooling((112, 112, 10), (4.5, 4.5, 4.5), 16) == ((2, 2, 2), (2, 2, 1), (2, 2, 1), (2, 2, 1))
     assert _pooling((48, 40, 48), (1.0, 1.0, 1.0), 16) == ((2, 2, 2),) * 3  # isotropic data: as before
@@ -222,8 +224,8 @@ def test_thick_slice_plan_trains_validates_and_infers(tmp_path):
     assert seg.GetSize() == ref.GetSize() and seg.GetSpacing() == pytest.approx(ref.GetSpacing())
     import torch
 
+    from volseg.inference import Predictor
     from volseg.inference.export import export
-    from volseg.inference.predictor import Predictor
 
     traced = torch.jit.load(str(export(run, "torchscript")))  # the anisotropic network exports too
     net = Predictor.from_run(run, device="cpu").model.eval()
@@ -231,7 +233,7 @@ def test_thick_slice_plan_trains_validates_and_infers(tmp_path):
     with torch.no_grad():
         assert torch.allclose(traced(x), torch.softmax(net(x), 1), atol=1e-5)
 
-    from volseg.data.planning import plan_manifest
+    from volseg.planning import plan_manifest
 
     shallow = plan_manifest(load_manifest(manifest), tmp_path / "p.yaml", overrides=["model.features=[8,16]"])
     assert shallow.model.features == (8, 16) and shallow.model.pooling == ((2, 2, 1),)

@@ -23,7 +23,7 @@ import yaml
 
 import volseg
 from volseg.cli import main
-from volseg.data.io import ImageReadError, TEMP_PREFIX, read_channels, read_image, write_image, write_text
+from volseg.data.io import TEMP_PREFIX, ImageReadError, read_channels, read_image, write_image, write_text
 from volseg.data.synth import make_case, make_dataset
 
 from .conftest import TINY, write_dicom_series
@@ -230,7 +230,7 @@ def test_sform_wins_over_qform_and_the_mask_keeps_it(tiny_run, tmp_path):
 
 
 def test_a_scan_thinner_than_half_the_window_is_segmented_with_a_warning(tiny_run, tmp_path, caplog):
-    from volseg.training.run_folder import read_plan
+    from volseg.runfolder import read_plan
 
     plan = read_plan(tiny_run)
     z = plan.patch_size[2]  # the training window's depth on the canonical grid
@@ -253,8 +253,8 @@ def test_a_thin_scan_is_not_a_warning_for_a_batch_norm_network(tiny_dataset, tmp
     change how the network normalises it (benchmarks/README.md: 0.69-0.90 on thin slabs where
     instance norm gave 0.22-0.37): logged, not warned."""
     from volseg.config import load_config
+    from volseg.runfolder import read_plan
     from volseg.training import train
-    from volseg.training.run_folder import read_plan
 
     from .conftest import TINY
 
@@ -310,8 +310,9 @@ def _four_d_dataset(root: Path, modalities: int = 2) -> Path:
 def test_4d_file_gives_its_channels_to_training_and_inference(tmp_path):
     from volseg.config import load_config
     from volseg.data.manifest import load_manifest, validate_cases
-    from volseg.data.preprocess import make_plan, preprocess_case
     from volseg.inference.batch import collect_inputs, infer_many
+    from volseg.planning import plan_cases
+    from volseg.preprocessing.pipeline import preprocess_case
     from volseg.training import train
 
     data = _four_d_dataset(tmp_path / "d4")
@@ -322,7 +323,7 @@ def test_4d_file_gives_its_channels_to_training_and_inference(tmp_path):
     with pytest.raises(ImageReadError, match="2 entries"):
         read_image(image)
     cfg = load_config(None, TINY + ["train.epochs=1"])
-    plan = make_plan(man, man.training, cfg)
+    plan = plan_cases(man, man.training, cfg)
     pre = preprocess_case(man.training[0], plan)
     assert pre["image"].shape[0] == 2
     assert not np.allclose(pre["image"][0], pre["image"][1])
@@ -336,9 +337,10 @@ def test_4d_file_gives_its_channels_to_training_and_inference(tmp_path):
 def test_channels_off_one_grid_are_refused(tiny_run):
     import dataclasses
 
-    from volseg.data.preprocess import Plan, preprocess
+    from volseg.data.plan import PreprocessingPlan
+    from volseg.preprocessing.pipeline import preprocess
 
-    plan = Plan.from_json((tiny_run / "plan.json").read_text(encoding="utf-8"))
+    plan = PreprocessingPlan.from_json((tiny_run / "plan.json").read_text(encoding="utf-8"))
     plan = dataclasses.replace(plan, channels=plan.channels * 2, norms=plan.norms * 2)
     a, _ = make_case(1, "ct", (20, 18, 16), (1.5, 1.5, 2.0))
     b = sitk.Image(a)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import yaml
 import pytest
 import SimpleITK as sitk
+import yaml
 
 from volseg.cli import main
 from volseg.data.io import read_image, write_image
@@ -234,8 +234,8 @@ def test_demo_command_end_to_end(tmp_path, capsys):
 def test_predictor_slabs_tta_and_largest_component(tiny_run):
     """Probabilities sum to one; TTA and postprocessing run."""
     from volseg.data.manifest import load_manifest
-    from volseg.data.preprocess import preprocess_case
     from volseg.inference import Predictor
+    from volseg.preprocessing.pipeline import preprocess_case
 
     pred = Predictor.from_run(tiny_run, device="cpu")
 
@@ -245,7 +245,7 @@ def test_predictor_slabs_tta_and_largest_component(tiny_run):
     assert whole.shape[1:] == pre["image"].shape[1:] and np.allclose(whole.sum(0), 1, atol=1e-2)
     # slab-wise (rolling) stitching against whole-volume MONAI: tests/test_inference_engine.py
     tta = Predictor.from_run(tiny_run, device="cpu", overrides={"tta": True, "largest_component": [1]})
-    assert len(tta._flips()) == 8
+    assert len(tta.net.flips) == 8
     index = tta.predict_index(pre["image"])
     from scipy import ndimage
 
@@ -263,8 +263,8 @@ def test_run_models_take_channels_last_3d_on_a_cpu(tiny_run, monkeypatch):
     import torch
 
     from volseg.data.manifest import load_manifest
-    from volseg.data.preprocess import preprocess_case
-    from volseg.inference import Predictor
+    from volseg.inference import ModelBundle, Predictor
+    from volseg.preprocessing.pipeline import preprocess_case
 
     cl = torch.channels_last_3d
 
@@ -275,13 +275,13 @@ def test_run_models_take_channels_last_3d_on_a_cpu(tiny_run, monkeypatch):
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     pred = Predictor.from_run(tiny_run, device="cpu", overrides={"largest_component": []})
-    assert layout(pred) and pred._layout is cl
+    assert layout(pred) and pred.layout is cl
     assert layout(Predictor.from_run(tiny_run, device="cpu", overrides={"amp": False}))
     norms = [m for m in pred.model.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert norms and all(m.num_groups == m.num_channels for m in norms) and pred.plan.spatial_dims == 3
     shared = copy.deepcopy(pred.model).to(memory_format=torch.contiguous_format)
-    plain = Predictor(shared, pred.plan, pred.infer, "cpu")
-    assert not layout(plain) and plain._layout is None
+    plain = Predictor(ModelBundle.of(shared, pred.plan), pred.infer, "cpu")
+    assert not layout(plain) and plain.layout is None
     seen = []  # the convolutions compute in channels_last
     inner = next(m for m in pred.model.modules() if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1 and m.kernel_size[0] > 1)
     inner.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=cl) and not o.is_contiguous()))

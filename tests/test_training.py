@@ -55,7 +55,7 @@ def watch_validation(monkeypatch):
     dropout)."""
     import torch
 
-    from volseg.inference.predictor import Predictor
+    from volseg.inference import Predictor
 
     seen = []
     original = Predictor.predict_index
@@ -97,13 +97,13 @@ def test_predictor_restores_training_mode():
     import torch
 
     from volseg.config import ModelConfig
-    from volseg.data.preprocess import ChannelNorm, Plan
-    from volseg.inference import Predictor
+    from volseg.data.plan import ChannelNorm, PreprocessingPlan
+    from volseg.inference import ModelBundle, Predictor
     from volseg.nets import build_network
 
-    plan = Plan((1.0, 1.0, 1.0), "RAS", ("CT",), (ChannelNorm("none"),), (0, 1, 2), ("bg", "a", "b"), 3, (16, 16, 16), 2)
+    plan = PreprocessingPlan((1.0, 1.0, 1.0), "RAS", ("CT",), (ChannelNorm("none"),), (0, 1, 2), ("bg", "a", "b"), 3, (16, 16, 16), 2)
     net = build_network(ModelConfig(features=(4, 8), norm="batch", dropout=0.5, deep_supervision=True), 1, 3)
-    pred = Predictor(net, plan, device="cpu")
+    pred = Predictor(ModelBundle.of(net, plan), device="cpu")
     net.train()
     before = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
     x = np.random.default_rng(0).normal(size=(1, 20, 18, 17)).astype(np.float32)
@@ -245,14 +245,14 @@ def test_augmentation_never_writes_into_the_memory_cache(tiny_dataset):
     import torch
 
     from volseg.data.manifest import load_manifest
-    from volseg.data.preprocess import make_plan
+    from volseg.planning import plan_cases
     from volseg.training.data import build_datasets
 
     man = load_manifest(tiny_dataset)
     cfg = load_config(None, TINY + ["augment.rotate_prob=1", "augment.scale_prob=1", "augment.elastic_prob=1", "augment.flip_prob=1",
                                     "augment.noise_prob=1", "augment.intensity_scale_prob=1", "augment.intensity_shift_prob=1",
                                     "augment.label_intensity_prob=1", "augment.slab_prob=1"])
-    plan = make_plan(man, man.training[:2], cfg)
+    plan = plan_cases(man, man.training[:2], cfg)
     ds, _, _ = build_datasets(man.training[:2], (), plan, cfg, Path("unused"), 2)
     before = [{k: torch.as_tensor(v).clone() for k, v in c.items() if k in ("image", "label")} for c in ds._cache]
     for i in range(6):
@@ -264,12 +264,12 @@ def test_augmentation_never_writes_into_the_memory_cache(tiny_dataset):
 
 def test_cache_size_estimate_from_the_plan(tiny_dataset):
     from volseg.data.manifest import load_manifest
-    from volseg.data.preprocess import preprocess_case
-    from volseg.data.preprocess import make_plan
+    from volseg.planning import plan_cases
+    from volseg.preprocessing.pipeline import preprocess_case
     from volseg.training.data import estimate_cache_bytes
 
     man = load_manifest(tiny_dataset)
-    plan = make_plan(man, man.training, load_config(None, TINY))
+    plan = plan_cases(man, man.training, load_config(None, TINY))
     case = man.training[0]
     voxels = preprocess_case(case, plan)["image"][0].size
     est = estimate_cache_bytes([case], plan, with_indices=False)
@@ -297,7 +297,6 @@ def test_resume_extends_with_the_poly_curve_of_the_new_total(tiny_dataset, tmp_p
 def test_too_few_cases_fail_before_planning_and_before_the_split_warning(tiny_dataset, tmp_path, capsys, caplog, monkeypatch, planned):
     """One labelled case against data.min_cases=2: one error naming the key, before any scan is
     fingerprinted (the planner's or the plan's) and without the split's 'no validation' warning."""
-    import volseg.data.planning as planning
     import volseg.training.engine as engine
 
     one = json.loads(_manifest(tmp_path, tiny_dataset).read_text(encoding="utf-8"))
@@ -308,7 +307,7 @@ def test_too_few_cases_fail_before_planning_and_before_the_split_warning(tiny_da
     def boom(*a, **k):
         raise AssertionError("scans were fingerprinted")
 
-    monkeypatch.setattr(planning, "fingerprint", boom)
+    monkeypatch.setattr(engine, "fingerprint", boom)
     monkeypatch.setattr(engine, "make_plan", boom)
     config = [] if planned else ["--config", "demo"]
     with caplog.at_level(logging.WARNING, logger="volseg"):
@@ -357,10 +356,10 @@ def _firing(cfg_overrides, trials=400):
     was built to do (rotation or scaling)."""
     from monai.transforms import RandAffined
 
-    from volseg.data.preprocess import ChannelNorm, Plan
+    from volseg.data.plan import ChannelNorm, PreprocessingPlan
     from volseg.data.transforms import random_transforms
 
-    plan = Plan((1.0, 1.0, 1.0), "RAS", ("CT",), (ChannelNorm("none"),), (0, 1), ("bg", "fg"), 3, (8, 8, 8), 2)
+    plan = PreprocessingPlan((1.0, 1.0, 1.0), "RAS", ("CT",), (ChannelNorm("none"),), (0, 1), ("bg", "fg"), 3, (8, 8, 8), 2)
     chain = random_transforms(plan, load_config(None, ["data.patch_size=[8,8,8]"] + cfg_overrides), 1)
     chain.set_random_state(seed=0)
     affines = [t for t in chain.transforms if isinstance(t, RandAffined)]
@@ -392,10 +391,10 @@ def test_rotation_and_scaling_fire_independently_with_their_own_probabilities():
 def test_2d_elastic_settings_come_from_augment():
     from monai.transforms import Rand2DElasticd
 
-    from volseg.data.preprocess import ChannelNorm, Plan
+    from volseg.data.plan import ChannelNorm, PreprocessingPlan
     from volseg.data.transforms import random_transforms
 
-    plan = Plan((1.0, 1.0, 1.0), "RAS", ("CT",), (ChannelNorm("none"),), (0, 1), ("bg", "fg"), 2, (16, 16), 2)
+    plan = PreprocessingPlan((1.0, 1.0, 1.0), "RAS", ("CT",), (ChannelNorm("none"),), (0, 1), ("bg", "fg"), 2, (16, 16), 2)
 
     def elastic(overrides):
         cfg = load_config(None, ["model.spatial_dims=2", "data.patch_size=[16,16]", "augment.elastic_prob=1"] + overrides)
@@ -480,7 +479,7 @@ def test_second_writer_is_refused_and_stale_lock_taken_over(tiny_dataset, tmp_pa
     import os
     import socket
 
-    from volseg.training.run_folder import RunLock
+    from volseg.runfolder import RunLock
 
     run = tmp_path / "run"
     with RunLock(run):
@@ -577,7 +576,7 @@ def test_missing_best_pt_warns_and_records_last(small_run, tmp_path, caplog):
 
 def test_all_empty_labels_warn_under_zscore(tiny_dataset, tmp_path, caplog):
     from volseg.data.manifest import load_manifest
-    from volseg.data.preprocess import make_plan
+    from volseg.planning import plan_cases
 
     data = json.loads(tiny_dataset.read_text(encoding="utf-8"))
     root = tiny_dataset.parent
@@ -590,7 +589,7 @@ def test_all_empty_labels_warn_under_zscore(tiny_dataset, tmp_path, caplog):
     (tmp_path / "empty.json").write_text(json.dumps(data), encoding="utf-8")
     man = load_manifest(tmp_path / "empty.json")
     with caplog.at_level(logging.WARNING, logger="volseg"):
-        plan = make_plan(man, man.training, load_config(None, TINY))
+        plan = plan_cases(man, man.training, load_config(None, TINY))
     assert plan.norms[0].scheme == "zscore"
     assert any("foreground" in r.getMessage() for r in caplog.records)
 
@@ -614,3 +613,19 @@ def test_cuda_training_with_amp_validation_resume_and_infer(tiny_dataset, tmp_pa
     assert [r["epoch"] for r in rows] == ["1", "2", "3"] and np.isfinite(float(rows[2]["train_loss"]))
     assert main(["-q", "infer", str(tiny_dataset), "--model", str(run), "--output", str(tmp_path / "pred"), "--device", "cuda"]) == 0
     assert len(list((tmp_path / "pred").glob("*_seg.nii.gz"))) == 2
+
+
+def test_two_trainings_in_one_process_write_two_clean_logs(tiny_dataset, tmp_path):
+    """Each ``train`` call attaches its run's train.log and detaches it when it ends: the first
+    log holds none of the second run's lines, no handler or file stays open, and the package
+    logger's level is what it was."""
+    logger = logging.getLogger("volseg")
+    handlers, level = list(logger.handlers), logger.level
+    cfg = load_config(None, [*TINY, "train.epochs=1"])
+    first = train(tiny_dataset, cfg, tmp_path / "first", device="cpu")
+    second = train(tiny_dataset, cfg, tmp_path / "second", device="cpu")
+    assert logger.handlers == handlers and logger.level == level
+    one, two = ((r / "train.log").read_text(encoding="utf-8") for r in (first, second))
+    assert "epoch 1/1" in one and "epoch 1/1" in two
+    assert str(second) not in one and str(first) not in two
+    assert one.count("epoch 1/1") == 1 and two.count("epoch 1/1") == 1

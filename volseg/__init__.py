@@ -1,29 +1,69 @@
 """volseg: 3D volumetric segmentation of CT and MRI.
 
-The package layout follows the pipeline: ``volseg.data`` (manifests, I/O, preprocessing,
-synthetic phantoms) -> ``volseg.nets`` (one builder, one registry) -> ``volseg.training``
-(ignite engine) -> ``volseg.inference`` (predictor, export) -> ``volseg.evaluation``
-(metrics, reports) -> ``volseg.viz``. Importing ``volseg`` imports no torch.
+The Python API, importable from here (each name loads its module on first use, so ``import
+volseg`` imports neither torch nor MONAI)::
+
+    import volseg
+    cfg = volseg.load_config("demo", ["train.epochs=10"])
+    run = volseg.train("data/dataset.json", cfg, "runs/ct")
+    pred = volseg.Predictor.from_run(run)
+    out = pred.predict([volseg.read_image("scan.nii.gz")])   # out["labels"]: [z, y, x] label values
+
+The package layout is the pipeline, bottom to top (docs/architecture.md): ``config`` and
+``data`` / ``nets`` -> ``runtime`` -> ``runfolder`` / ``metrics`` -> ``preprocessing`` /
+``postprocessing`` -> ``inference`` / ``planning`` -> ``training`` / ``evaluation`` ->
+``workflows`` -> ``cli``.
 """
 
-__version__ = "0.1.0"
+from importlib import import_module
+from typing import Any
+
+from .version import __version__, versions
+
+#: public name -> the module that defines it
+_API = {
+    "load_config": "volseg.config",
+    "Config": "volseg.config",
+    "ConfigError": "volseg.config",
+    "read_image": "volseg.data.io",
+    "read_channels": "volseg.data.io",
+    "read_label": "volseg.data.io",
+    "write_label_like": "volseg.data.io",
+    "ImageReadError": "volseg.data.io",
+    "load_manifest": "volseg.data.manifest",
+    "ManifestError": "volseg.data.manifest",
+    "make_dataset": "volseg.data.synth",
+    "PreprocessingPlan": "volseg.data.plan",
+    "build_network": "volseg.nets",
+    "NETWORKS": "volseg.nets",
+    "RunFolderError": "volseg.runfolder",
+    "plan_manifest": "volseg.planning",
+    "Predictor": "volseg.inference",
+    "ModelBundle": "volseg.inference",
+    "load_bundle": "volseg.inference",
+    "collect_inputs": "volseg.inference",
+    "infer_many": "volseg.inference",
+    "export": "volseg.inference.export",
+    "train": "volseg.training",
+    "evaluate": "volseg.evaluation",
+    "evaluate_cv": "volseg.evaluation.cv",
+    "EvaluationError": "volseg.evaluation",
+    "write_report": "volseg.evaluation",
+    "train_folds": "volseg.workflows",
+    "run_demo": "volseg.workflows",
+}
+
+__all__ = ["__version__", "versions", *_API]
 
 
-def versions() -> dict:
-    """Versions of volseg and the libraries that decide its results (recorded in run folders
-    and inference sidecars). Imports torch/monai, so call it only when they are needed."""
-    import platform
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'volseg' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
 
-    import monai
-    import numpy
-    import SimpleITK
-    import torch
 
-    return {
-        "volseg": __version__,
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "SimpleITK": SimpleITK.Version_VersionString(),
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-    }
+def __dir__():
+    return sorted(__all__)

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 log = logging.getLogger("volseg")
 
 
-def _config(args) -> "object":
+def _config(args) -> object:
     from .config import load_config
 
     return load_config(args.config, args.set or [])
@@ -65,8 +65,8 @@ def cmd_synth(args) -> int:
 
 def cmd_plan(args) -> int:
     from .data.manifest import load_manifest
-    from .data.planning import plan_manifest
-    from .inference.predictor import resolve_device
+    from .planning import plan_manifest
+    from .runtime import resolve_device
 
     out = Path(args.output)
     plan_manifest(load_manifest(args.manifest), out, memory_gb=args.memory, device=resolve_device(args.device).type)
@@ -104,7 +104,7 @@ def cmd_train(args) -> int:
 
 def _train_folds(args, cfg, out: str, planned: bool) -> int:
     """``--folds K``: every fold, or only fold k with ``--set data.fold=k``."""
-    from .training.folds import train_folds
+    from .workflows import train_folds
 
     only = [s.split("=", 1)[1] for s in args.set or [] if s.replace(" ", "").startswith("data.fold=")]
     if args.resume:  # the parent's stored config
@@ -168,7 +168,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .evaluation.report import write_report
+    from .evaluation import write_report
 
     path = write_report(args.run_dir, eval_dir=args.eval_dir, output=args.output)
     print(f"report: {path}")
@@ -184,7 +184,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .workflows import run_demo
 
     summary = run_demo(args.output, device=args.device, overrides=args.set or [], progress=_progress(args),
                        cases=args.cases, test_cases=args.test_cases, shape=tuple(args.shape))
@@ -199,7 +199,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     p = argparse.ArgumentParser(prog="volseg", description="3D volumetric segmentation of CT and MRI.")
     p.add_argument("--version", action="version", version=f"volseg {__version__}")

@@ -90,16 +90,16 @@ class ModelConfig:
     in-plane grid halves, nnU-Net's treatment of thick-slice data); ``None``: 2 on every axis.
     """
 
-    variant: str = "unet"
-    spatial_dims: int = 3
+    variant: str = "unet"  # Network architecture: plain U-Net or its residual, attention, dense or nested variant.
+    spatial_dims: int = 3  # 3 = volumes; 2 = slice mode (``data.patch_size`` then has 2 entries).
     in_channels: Optional[int] = None
     out_channels: Optional[int] = None
-    features: Tuple[int, ...] = (16, 32, 64, 128)
-    norm: str = "instance"
-    act: str = "leakyrelu"
-    dropout: float = 0.0
-    deep_supervision: bool = False
-    groups: int = 8
+    features: Tuple[int, ...] = (16, 32, 64, 128)  # Channels per level, top level first; one entry per level, at least 2.
+    norm: str = "instance"  # Normalisation layer; ``batch`` only for thin scans of the training sources' kind (README, Training).
+    act: str = "leakyrelu"  # Activation function.
+    dropout: float = 0.0  # Spatial dropout after each block's second conv, in [0, 1); 0 = off.
+    deep_supervision: bool = False  # When true, the loss is taken at every decoder level.
+    groups: int = 8  # Groups for ``norm: group``; every ``features`` entry must be divisible by it.
     pooling: Optional[Tuple[Tuple[int, ...], ...]] = None
 
     @property
@@ -174,18 +174,18 @@ class DataConfig:
 
     patch_size: Tuple[int, ...] = (64, 64, 64)
     spacing: Optional[Tuple[float, float, float]] = None
-    orientation: str = "RAS"
+    orientation: str = "RAS"  # 3-letter axis code (e.g. RAS, LPS) every case is reoriented to before training/inference.
     normalization: str = "auto"
     slice_axis: int = 2
     class_ratios: Optional[Tuple[float, ...]] = None
-    samples_per_volume: int = 4
-    val_fraction: float = 0.2
+    samples_per_volume: int = 4  # Patches drawn from each loaded volume.
+    val_fraction: float = 0.2  # Fraction of cases held out when ``folds`` is 0 and the manifest has no 'validation' list, in [0, 1).
     folds: int = 0
     fold: int = 0
-    min_cases: int = 2
+    min_cases: int = 2  # Minimum number of labelled training cases; fewer is an error.
     cache: str = "memory"
     cache_dir: Optional[str] = None
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes; 0 = augment in the training process.
 
     def __post_init__(self) -> None:
         if len(self.patch_size) not in (2, 3):
@@ -240,24 +240,24 @@ class AugmentConfig:
     scan it raised an organ model from 0.33 to 0.64 (benchmarks/README.md). Turn it on for thin
     test scans."""
 
-    elastic_prob: float = 0.2
-    elastic_sigma: Tuple[float, float] = (5.0, 8.0)
-    elastic_magnitude: Tuple[float, float] = (50.0, 150.0)
-    rotate_prob: float = 0.3
-    rotate_range_deg: float = 20.0
-    scale_prob: float = 0.3
-    scale_range: float = 0.15
-    flip_prob: float = 0.5
-    intensity_scale_prob: float = 0.3
-    intensity_shift_prob: float = 0.3
-    noise_prob: float = 0.15
-    noise_std: float = 0.1
-    contrast_prob: float = 0.2
+    elastic_prob: float = 0.2  # Chance per sample of an elastic deformation.
+    elastic_sigma: Tuple[float, float] = (5.0, 8.0)  # [min, max] smoothness of the elastic field, voxels.
+    elastic_magnitude: Tuple[float, float] = (50.0, 150.0)  # [min, max] elastic displacement magnitude (MONAI Rand3DElasticd).
+    rotate_prob: float = 0.3  # Chance per sample of a rotation of up to ``rotate_range_deg``.
+    rotate_range_deg: float = 20.0  # Rotation range: +- this many degrees about each axis.
+    scale_prob: float = 0.3  # Chance per sample of a zoom by 1 +- ``scale_range``.
+    scale_range: float = 0.15  # Zoom factor range: 1 +- this.
+    flip_prob: float = 0.5  # Chance of mirroring, per axis (never left-right when labels are lateral).
+    intensity_scale_prob: float = 0.3  # Chance per sample of intensities x (1 +- 0.25).
+    intensity_shift_prob: float = 0.3  # Chance per sample of intensities + (+- 0.25), normalised units.
+    noise_prob: float = 0.15  # Chance per sample of Gaussian noise of std ``noise_std``.
+    noise_std: float = 0.1  # Standard deviation of the Gaussian noise, normalised intensity units.
+    contrast_prob: float = 0.2  # Chance per sample of a gamma contrast change.
     label_intensity_prob: float = 0.0
-    label_intensity_range: float = 1.5
-    blur_prob: float = 0.1
-    bias_field_prob: float = 0.1
-    lowres_prob: float = 0.1
+    label_intensity_range: float = 1.5  # The per-structure offset of ``label_intensity_prob``: +- this, normalised units.
+    blur_prob: float = 0.1  # Chance per sample of Gaussian blur.
+    bias_field_prob: float = 0.1  # Chance per sample of a smooth multiplicative bias field (MRI inhomogeneity).
+    lowres_prob: float = 0.1  # Chance per sample of simulated low resolution (other scanners' spacing).
     slab_prob: float = 0.0
 
     def __post_init__(self) -> None:
@@ -276,23 +276,23 @@ class TrainConfig:
 
     ``amp``: mixed precision for the network: float16 autocast with loss scaling on CUDA,
     bfloat16 autocast on CPUs with native bf16 (AMX or AVX512-BF16), float32 elsewhere
-    (:func:`volseg.inference.predictor.amp_dtype`)."""
+    (:func:`volseg.runtime.amp_dtype`)."""
 
-    epochs: int = 50
-    steps_per_epoch: int = 50
-    batch_size: int = 2
-    lr: float = 3e-3
-    weight_decay: float = 1e-5
-    optimizer: str = "adamw"
-    momentum: float = 0.99
-    poly_power: float = 0.9
-    seed: int = 0
-    val_every: int = 5
+    epochs: int = 50  # Number of epochs; total steps = ``epochs`` x ``steps_per_epoch``.
+    steps_per_epoch: int = 50  # Batches per epoch.
+    batch_size: int = 2  # Patches per batch.
+    lr: float = 3e-3  # Initial learning rate, decayed by the poly schedule (``poly_power``).
+    weight_decay: float = 1e-5  # Decoupled weight decay (adamw) or L2 penalty (sgd).
+    optimizer: str = "adamw"  # ``adamw``, or ``sgd`` with Nesterov momentum ``momentum``.
+    momentum: float = 0.99  # SGD momentum; used only with ``optimizer: sgd``.
+    poly_power: float = 0.9  # Exponent of the poly schedule: lr = lr0 * (1 - step/steps) ** poly_power.
+    seed: int = 0  # Random seed; the same seed and data give bit-identical weights on the CPU.
+    val_every: int = 5  # Epochs between validations.
     amp: bool = True
-    class_weights: Optional[Tuple[float, ...]] = None
-    lambda_dice: float = 1.0
-    lambda_ce: float = 1.0
-    grad_clip: float = 12.0
+    class_weights: Optional[Tuple[float, ...]] = None  # Cross-entropy weight per output channel; null = unweighted.
+    lambda_dice: float = 1.0  # Weight of the Dice loss.
+    lambda_ce: float = 1.0  # Weight of the cross-entropy loss.
+    grad_clip: float = 12.0  # Gradient norm clip; 0 = off.
 
     def __post_init__(self) -> None:
         for key in ("epochs", "steps_per_epoch", "batch_size", "lr", "val_every"):
@@ -325,14 +325,14 @@ class InferConfig:
     ``amp``: the windows under autocast, as ``train.amp`` (float16 on CUDA, bfloat16 on CPUs with
     native bf16); probabilities are blended in float32 either way. ``false``: float32 throughout."""
 
-    overlap: float = 0.5
-    batch_size: int = 4
-    blend: str = "gaussian"
-    tta: bool = False
+    overlap: float = 0.5  # Sliding-window overlap, fraction of the window in [0, 1).
+    batch_size: int = 4  # Windows per forward pass.
+    blend: str = "gaussian"  # Weighting of overlapping window predictions: ``gaussian`` (centre-weighted) or ``constant``.
+    tta: bool = False  # Mirroring test-time augmentation.
     largest_component: Tuple[int, ...] = ()
     crop: str = "windows"
-    crop_margin: float = 10.0
-    window_scale: float = 1.0
+    crop_margin: float = 10.0  # Margin added around the body box, mm (see ``crop``).
+    window_scale: float = 1.0  # Inference window = training patch x this, in [0.25, 4] (> 1: fewer windows, approximate).
     threads: int = 0
     amp: bool = True
 

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .data.io import atomic_write, read_image
+
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
     from matplotlib.figure import Figure
@@ -42,8 +44,6 @@ __all__ = ["overlay", "montage", "error_map", "browse", "plot_training_curves", 
 def _to_array(x: Volume, spacing: Optional[Sequence[float]], what: str) -> Tuple[np.ndarray, Optional[Spacing]]:
     """(array [z, y, x], spacing (x, y, z) or None) from an array, a sitk.Image or a path."""
     if isinstance(x, (str, Path)):
-        from .data.io import read_image
-
         x = read_image(x)
     if not isinstance(x, np.ndarray) and hasattr(x, "GetSpacing"):
         import SimpleITK as sitk
@@ -122,7 +122,7 @@ def _centre(label: Optional[np.ndarray], shape: Sequence[int]) -> List[int]:
     return [s // 2 for s in shape]
 
 
-def _new_figure(fig: Optional["Figure"], figsize: Tuple[float, float]) -> "Figure":
+def _new_figure(fig: Optional[Figure], figsize: Tuple[float, float]) -> Figure:
     if fig is not None:
         return fig
     from matplotlib.figure import Figure
@@ -130,7 +130,7 @@ def _new_figure(fig: Optional["Figure"], figsize: Tuple[float, float]) -> "Figur
     return Figure(figsize=figsize, layout="constrained")
 
 
-def _legend(fig: "Figure", items: Mapping[str, Tuple[float, float, float]]) -> None:
+def _legend(fig: Figure, items: Mapping[str, Tuple[float, float, float]]) -> None:
     from matplotlib.patches import Patch
 
     if items:
@@ -159,10 +159,10 @@ def overlay(
     spacing: Optional[Sequence[float]] = None,
     labels: Optional[Mapping[int, str]] = None,
     slices: Optional[Sequence[int]] = None,
-    fig: Optional["Figure"] = None,
+    fig: Optional[Figure] = None,
     alpha: float = 0.45,
     title: Optional[str] = None,
-) -> "Figure":
+) -> Figure:
     """Axial, coronal and sagittal views of ``image`` with ``label`` filled in class colours.
 
     ``image``, ``label``: arrays ``[z, y, x]`` (or sitk Images / paths); ``spacing``: mm
@@ -198,10 +198,10 @@ def error_map(
     truth: Volume,
     spacing: Optional[Sequence[float]] = None,
     slices: Optional[Sequence[int]] = None,
-    fig: Optional["Figure"] = None,
+    fig: Optional[Figure] = None,
     alpha: float = 0.6,
     title: Optional[str] = None,
-) -> "Figure":
+) -> Figure:
     """Axial, coronal and sagittal views of where ``pred`` and ``truth`` disagree: false
     positives (predicted foreground on background) red, false negatives blue, a wrong foreground
     class orange, agreement green. Arrays ``[z, y, x]``, spacing mm ``(x, y, z)``; ``slices``
@@ -247,9 +247,9 @@ def montage(
     axis: Union[int, str] = 0,
     n: int = 9,
     labels: Optional[Mapping[int, str]] = None,
-    fig: Optional["Figure"] = None,
+    fig: Optional[Figure] = None,
     alpha: float = 0.45,
-) -> "Figure":
+) -> Figure:
     """``n`` evenly spaced slices along array ``axis`` (0/'axial' = z, 1/'coronal' = y,
     2/'sagittal' = x) of ``image`` with ``label`` overlaid, spanning the label's foreground
     extent (else the volume). One axis per slice (fewer if the volume has fewer slices)."""
@@ -335,7 +335,7 @@ def _read_curves(path: Path) -> Dict[str, np.ndarray]:
     return {k: np.array(v, dtype=float) for k, v in cols.items()}
 
 
-def plot_training_curves(metrics_csv: PathLike, fig: Optional["Figure"] = None) -> "Figure":
+def plot_training_curves(metrics_csv: PathLike, fig: Optional[Figure] = None) -> Figure:
     """Loss, validation dice (mean and per class) and learning rate against epoch, from a run's
     ``metrics.csv`` (columns ``epoch, train_loss, val_dice_mean, val_dice_<class>, lr``; a run
     folder is accepted too). Missing columns are skipped and empty / NaN cells leave gaps
@@ -372,10 +372,8 @@ def plot_training_curves(metrics_csv: PathLike, fig: Optional["Figure"] = None) 
     return fig
 
 
-def save_figure(fig: "Figure", path: PathLike, dpi: int = 100) -> Path:
+def save_figure(fig: Figure, path: PathLike, dpi: int = 100) -> Path:
     """Write ``fig`` atomically to ``path`` (format from the suffix: .png, .pdf, .svg, ...)."""
-    from .data.io import atomic_write
-
     path = Path(path)
     with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")

@@ -46,6 +46,10 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..config import check_choice
+from ..version import __version__
+from .io import write_image, write_text
+
 if TYPE_CHECKING:  # SimpleITK and scipy are imported where used: importing this module is cheap
     import SimpleITK as sitk
 
@@ -140,8 +144,6 @@ _MRI_TABLE: Dict[_T, Tuple[float, float, float]] = {
 
 
 def _check_modality(modality: str) -> str:
-    from ..config import check_choice
-
     key = modality.lower() if isinstance(modality, str) else modality
     return check_choice("modality", MODALITY_ALIASES.get(key, key), list(MODALITIES) + list(MODALITY_ALIASES))
 
@@ -527,7 +529,7 @@ def _render(rng: np.random.Generator, tissue: np.ndarray, u: np.ndarray, geom: _
     return np.sqrt(real**2 + imag**2).astype(np.float32)
 
 
-def _to_image(arr_xyz: np.ndarray, geom: _Geometry) -> "sitk.Image":
+def _to_image(arr_xyz: np.ndarray, geom: _Geometry) -> sitk.Image:
     import SimpleITK as sitk
 
     img = sitk.GetImageFromArray(np.ascontiguousarray(arr_xyz.transpose(2, 1, 0)))
@@ -551,7 +553,7 @@ def make_case(
     *,
     orientation: Optional[str] = None,
     anisotropic: Optional[bool] = None,
-) -> Tuple["sitk.Image", "sitk.Image"]:
+) -> Tuple[sitk.Image, sitk.Image]:
     """One synthetic case: ``(image, label)``, two SimpleITK images on the same grid.
 
     Args:
@@ -574,8 +576,6 @@ def make_case(
     shape3 = _check_shape(shape)
     spacing3 = _check_spacing(spacing)
     if orientation is not None:
-        from ..config import check_choice
-
         check_choice("orientation", orientation, list(ORIENTATIONS))
     gen = _as_generator(rng)
     geom = _draw_geometry(gen, shape3, spacing3, orientation, anisotropic)
@@ -616,9 +616,6 @@ def make_dataset(
     for odd ``i``, so any three consecutive cases cover every orientation and both spacings.
     Files are written atomically; existing files of the same names are replaced.
     """
-    from .. import __version__
-    from .io import write_image, write_text
-
     modality = _check_modality(modality)
     shape3 = _check_shape(shape)
     spacing3 = _check_spacing(spacing)

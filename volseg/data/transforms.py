@@ -18,8 +18,8 @@ from typing import List, Optional, Sequence
 import torch
 from monai.transforms import MapTransform, RandomizableTransform
 
-from ..config import AugmentConfig, Config
-from .preprocess import Plan
+from ..config import AugmentConfig, Config, ConfigError
+from .plan import PreprocessingPlan
 
 __all__ = ["cached_transforms", "random_transforms", "class_ratios", "crop_size", "elastic_2d_params", "mirror_axes", "RandLabelIntensityd"]
 
@@ -33,7 +33,7 @@ SLAB_MIN = 1 / 6
 _LATERAL = re.compile(r"(?:^|[^a-z0-9])(?:left|right|lt|rt|l|r)(?:[^a-z0-9]|$)", re.IGNORECASE)
 
 
-def mirror_axes(plan: Plan) -> List[int]:
+def mirror_axes(plan: PreprocessingPlan) -> List[int]:
     """Canonical axes (0..2, ``plan.orientation`` order) along which mirroring is safe, for
     training flips and mirroring TTA: every spatial axis, except the left-right one when a label
     name is lateral ("kidney_left", "lung_r"). A left-right flip turns a left kidney into a
@@ -49,13 +49,11 @@ def mirror_axes(plan: Plan) -> List[int]:
     return axes
 
 
-def class_ratios(plan: Plan, ratios: Optional[Sequence[float]]) -> list:
+def class_ratios(plan: PreprocessingPlan, ratios: Optional[Sequence[float]]) -> list:
     """Sampling ratio per class index; default: background 1, each foreground class 1."""
     if ratios is None:
         return [1.0] * plan.num_classes
     if len(ratios) != plan.num_classes:
-        from ..config import ConfigError
-
         raise ConfigError(
             f"data.class_ratios={list(ratios)} has {len(ratios)} entries; the manifest has {plan.num_classes} classes "
             f"{list(plan.label_names)} (background first)."
@@ -63,7 +61,7 @@ def class_ratios(plan: Plan, ratios: Optional[Sequence[float]]) -> list:
     return [float(r) for r in ratios]
 
 
-def crop_size(plan: Plan) -> list:
+def crop_size(plan: PreprocessingPlan) -> list:
     """3D crop size: the patch, or in slice mode the 2D patch with 1 inserted at the slice axis."""
     size = list(plan.patch_size)
     if plan.spatial_dims == 2:
@@ -71,7 +69,7 @@ def crop_size(plan: Plan) -> list:
     return size
 
 
-def cached_transforms(plan: Plan):
+def cached_transforms(plan: PreprocessingPlan):
     from monai.transforms import ClassesToIndicesd, Compose, EnsureTyped, SpatialPadd
 
     return Compose(
@@ -85,7 +83,7 @@ def cached_transforms(plan: Plan):
     )
 
 
-def random_transforms(plan: Plan, cfg: Config, num_samples: int):
+def random_transforms(plan: PreprocessingPlan, cfg: Config, num_samples: int):
     import monai.transforms as T
 
     a: AugmentConfig = cfg.augment

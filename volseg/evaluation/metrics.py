@@ -38,7 +38,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..data.io import ImageReadError, atomic_write, case_name, is_image_path, read_label, same_geometry, write_text
+from ..data.io import atomic_write, case_name, is_image_path, write_text
+from ..data.manifest import load_manifest
+from ..metrics import EvaluationError, load_label_pair
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,6 @@ __all__ = [
 ]
 
 
-class EvaluationError(ValueError):
-    """Predictions and references cannot be compared; the message names the files or cases."""
 
 
 @dataclass
@@ -268,8 +268,6 @@ def _labels_from(arg: LabelsArg) -> Optional[Dict[int, str]]:
             return {int(k): str(v) for k, v in arg.items()}
         except (TypeError, ValueError):
             raise EvaluationError(f"labels must map integer values to names, got {dict(arg)!r}.") from None
-    from ..data.manifest import load_manifest
-
     return dict(load_manifest(arg).labels)
 
 
@@ -286,8 +284,6 @@ def _references(truth: Path) -> Tuple[Dict[str, Path], Dict[str, Path], bool, Op
     """(case -> reference file, case -> scan, restrict to predicted cases?, manifest labels)."""
     if not _is_manifest(truth):
         return _collect(truth, "reference"), {}, False, None
-    from ..data.manifest import load_manifest
-
     man = load_manifest(truth)
     cases = [c for c in man.test if c.label is not None]
     restrict = not cases
@@ -301,8 +297,6 @@ def _image_paths(images: Union[Mapping[str, PathLike], PathLike]) -> Dict[str, P
     if isinstance(images, Mapping):
         return {str(k): Path(v) for k, v in images.items()}
     if _is_manifest(Path(images)):
-        from ..data.manifest import load_manifest
-
         m = load_manifest(images)
         return {c.name: c.images[0] for c in m.training + m.validation + m.test}
     return _collect(Path(images), "image", strip=("_0000",))
@@ -328,22 +322,6 @@ def _match(pred: Path, truth: Path, pred_cases: Dict[str, Path], truth_cases: Di
     return common
 
 
-def _load_pair(pred_path: Path, truth_path: Path, name: str) -> Tuple[np.ndarray, np.ndarray, Tuple[float, ...]]:
-    """(prediction, reference, spacing) as ``[z, y, x]`` arrays and mm in that order."""
-    import SimpleITK as sitk
-
-    try:  # truncated, NaN or non-integer label maps are refused by read_label
-        p_img, t_img = read_label(pred_path), read_label(truth_path)
-    except ImageReadError as exc:
-        raise EvaluationError(f"case {name!r}: {exc}") from None
-    diff = same_geometry(p_img, t_img)
-    if diff:
-        raise EvaluationError(
-            f"prediction {pred_path} and reference {truth_path} are on different voxel grids ({diff}); "
-            "resample the prediction onto the reference grid first."
-        )
-    # sitk spacing is (x, y, z); the arrays are [z, y, x].
-    return sitk.GetArrayFromImage(p_img), sitk.GetArrayFromImage(t_img), tuple(reversed(t_img.GetSpacing()))
 
 
 def _values(*arrays: np.ndarray) -> set:
@@ -392,7 +370,7 @@ def evaluate(
     if images is not None:
         image_paths.update(_image_paths(images))
     common = _match(pred, truth, pred_cases, truth_cases, restrict_to_pred, allow_missing)
-    load = lambda name: _load_pair(pred_cases[name], truth_cases[name], name)  # noqa: E731
+    load = lambda name: load_label_pair(pred_cases[name], truth_cases[name], name)  # noqa: E731
 
     if label_map is None:
         values = set().union(*(_values(*load(name)[:2]) for name in common))
@@ -411,7 +389,7 @@ def evaluate_pairs(pairs: Sequence[Tuple[str, PathLike, PathLike, PathLike]], la
     classes of ``label_map``; ``output`` as in :func:`evaluate`."""
     rows: List[dict] = []
     for name, pred_path, truth_path, image_path in pairs:
-        p_arr, t_arr, spacing = _load_pair(Path(pred_path), Path(truth_path), name)
+        p_arr, t_arr, spacing = load_label_pair(Path(pred_path), Path(truth_path), name)
         unknown = _values(p_arr, t_arr) - set(label_map) - {0}
         if unknown:
             log.warning("%s: label values %s are not in labels %s; ignored.", name, sorted(unknown), sorted(label_map))

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import List, Optional, Union
 
+from .. import viz
 from ..data.io import atomic_write
 from .metrics import METRICS, VOLUMES, EvaluationError, EvaluationResult, load_results, worst_cases
 
@@ -83,8 +84,6 @@ def _cases_table(result: EvaluationResult) -> str:
 
 
 def _case_figures(result: EvaluationResult, n_cases: int) -> str:
-    from .. import viz
-
     parts = []
     by_case = {r["case"]: r for r in result.rows}
     for case in worst_cases(result.rows)[:n_cases]:
@@ -118,8 +117,6 @@ def write_report(run_dir: PathLike, eval_dir: Optional[PathLike] = None, output:
     overlays of the ``n_cases`` worst cases when their files are recorded. A missing part is
     noted in the report, not an error. ``output`` defaults to ``run_dir/report.html``.
     """
-    from .. import viz
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir}: no such folder.")

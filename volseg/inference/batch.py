@@ -31,7 +31,24 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..data.io import ImageReadError, case_name, is_image_path, itk_error_text, read_channels, read_header, write_label_like, write_text
+from .. import distributed
+from ..config import to_dict
+from ..data.io import (
+    ImageReadError,
+    atomic_write,
+    case_name,
+    is_image_path,
+    itk_error_text,
+    nifti_affine,
+    read_channels,
+    read_header,
+    write_label_like,
+    write_text,
+)
+from ..data.manifest import load_manifest
+from ..runtime import resolve_device
+from ..version import versions
+from .predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +81,6 @@ def collect_inputs(inputs: Sequence[Union[str, Path]], output: Optional[Union[st
     (``.*``, e.g. volseg's own ``.volseg-tmp-*`` folders) and earlier outputs (``*_seg``,
     ``*_prob``) are skipped.
     """
-    from ..data.manifest import load_manifest
-
     found: List[Tuple[str, Tuple[Path, ...]]] = []
     for raw in inputs:
         p = Path(raw)
@@ -130,8 +145,6 @@ def _write_probabilities(arr: np.ndarray, reference, path: Path) -> Path:
     """Class probabilities on the reference grid as a 4D NIfTI ``(x, y, z, class)`` of uint8
     with ``scl_slope = 1/255``: readers get floats in [0, 1]. (NIfTI has no float16 type.)"""
     import nibabel as nib
-
-    from ..data.io import atomic_write, nifti_affine
 
     # arr: (K, z, y, x) uint8 on the reference grid, from Predictor.predict(probabilities=True)
     out = nib.Nifti1Image(np.ascontiguousarray(arr.transpose(3, 2, 1, 0)), nifti_affine(reference))
@@ -205,8 +218,6 @@ def infer_many(
     runs on the current one (at most one scan ahead). ``stall_s``: how long rank 0 waits for a
     rank that reports no progress (no scan finished) before it writes the summary without it.
     """
-    from .. import distributed
-
     if not jobs:
         return []
     check_outputs(jobs)
@@ -218,15 +229,15 @@ def infer_many(
     try:
         rank, world = distributed.rank(), distributed.world_size()
         out = summary_path(jobs)
-        plan = distributed.on_main(_plan, jobs, world)
-        ranklog = _RankLog(out.parent / RANKS_DIR / plan["token"], plan["token"], rank)
+        table = distributed.on_main(_shard_table, jobs, world)
+        ranklog = _RankLog(out.parent / RANKS_DIR / table["token"], table["token"], rank)
         pred = _load_predictor(model, device, checkpoint, overrides, progress)
-        mine = [i for i, r in enumerate(plan["ranks"]) if r == rank]
+        mine = [i for i, r in enumerate(table["ranks"]) if r == rank]
         log.info("rank %d of %d: %d of %d scan(s) on %s", rank, world, len(mine), len(jobs), pred.device)
-        refresh = (lambda: _write_summary(out, jobs, plan, pred, _read_ranks(ranklog.folder, plan["token"], world))) if rank == 0 else None
-        records = _run_share(pred, jobs, mine, plan, ranklog, probabilities, prefetch, progress and rank == 0, refresh)
+        refresh = (lambda: _write_summary(out, jobs, table, pred, _read_ranks(ranklog.folder, table["token"], world))) if rank == 0 else None
+        records = _run_share(pred, jobs, mine, table, ranklog, probabilities, prefetch, progress and rank == 0, refresh)
         if rank == 0:
-            records = _finish(out, jobs, plan, pred, ranklog.folder, world, stall_s)
+            records = _finish(out, jobs, table, pred, ranklog.folder, world, stall_s)
         return [(jobs[r["index"]], r.get("error") or r["status"]) for r in records if r["status"] != "ok"]
     finally:
         if own_group:
@@ -236,16 +247,13 @@ def infer_many(
 def _load_predictor(model, device: str, checkpoint: str, overrides: Optional[dict], progress: bool):
     """The predictor, once per rank: on ``cuda:LOCAL_RANK`` under torchrun with CUDA (one
     process per GPU)."""
-    from .. import distributed
-    from .predictor import Predictor, resolve_device
-
     dev = resolve_device(device)
     if dev.type == "cuda" and distributed.launched():
         dev = distributed.local_cuda_device()
     return Predictor.from_run(model, device=dev, checkpoint=checkpoint, overrides=overrides, progress=progress and distributed.is_main())
 
 
-def _plan(jobs: Sequence[Job], world: int) -> dict:
+def _shard_table(jobs: Sequence[Job], world: int) -> dict:
     """Rank 0: the shard of every job, and a token that names this run's folder of rank files
     (so another run into the same output folder never reads or removes them)."""
     sizes = [scan_voxels(j) for j in jobs]
@@ -286,7 +294,7 @@ def _read_ranks(folder: Path, token: str, world: int) -> Dict[int, dict]:
     return states
 
 
-def _run_share(pred, jobs, mine, plan, ranklog: _RankLog, probabilities: bool, prefetch: bool, progress: bool, refresh) -> List[dict]:
+def _run_share(pred, jobs, mine, table, ranklog: _RankLog, probabilities: bool, prefetch: bool, progress: bool, refresh) -> List[dict]:
     """Segment ``jobs[i] for i in mine`` in order, the next scan's read overlapping the current
     scan's network when ``prefetch``; a failure is recorded and the share goes on."""
     from concurrent.futures import ThreadPoolExecutor
@@ -300,7 +308,7 @@ def _run_share(pred, jobs, mine, plan, ranklog: _RankLog, probabilities: bool, p
         for n, i in enumerate(mine):
             job, current, ahead = jobs[i], ahead, None
             rec = {"index": i, "name": job.name, "inputs": [str(p) for p in job.images], "output": str(job.output),
-                   "rank": ranklog.rank, "voxels": plan["voxels"][i], "device": str(pred.device)}
+                   "rank": ranklog.rank, "voxels": table["voxels"][i], "device": str(pred.device)}
             try:
                 t = time.perf_counter()
                 loaded = (current or pool.submit(_read, pred, job, clock)).result() if pool else _read(pred, job, clock)
@@ -352,9 +360,6 @@ def _read(pred, job: Job, clock) -> dict:
 
 def _segment(pred, job: Job, loaded: dict, probabilities: bool, clock) -> dict:
     """The network and the writes for one read scan; returns its timing for the summary."""
-    from .. import versions
-    from ..config import to_dict
-
     start, t0 = clock(), time.perf_counter()
     images = loaded["images"]
     out = pred.predict(images, source=str(job.images[0]), probabilities=probabilities, prepared=loaded["prepared"])
@@ -379,17 +384,17 @@ def _segment(pred, job: Job, loaded: dict, probabilities: bool, clock) -> dict:
     return {"timing_s": timing, "timeline_s": {"read": loaded["read"], "segment": [start, clock()]}}
 
 
-def _finish(out: Path, jobs, plan, pred, folder: Path, world: int, stall_s: float) -> List[dict]:
+def _finish(out: Path, jobs, table, pred, folder: Path, world: int, stall_s: float) -> List[dict]:
     """Rank 0, its own share done: wait for every rank's last record, write the final summary,
     return its records. A rank whose file has not changed for ``stall_s`` is given up on: its
     unreported scans are ``missing`` and the rank files stay for inspection."""
     last, changed = None, time.monotonic()
     while True:
-        states = _read_ranks(folder, plan["token"], world)
+        states = _read_ranks(folder, table["token"], world)
         key = {r: (len(s["scans"]), s["done"]) for r, s in states.items()}
         if key != last:
             last, changed = key, time.monotonic()
-            _write_summary(out, jobs, plan, pred, states)
+            _write_summary(out, jobs, table, pred, states)
         done = all(states.get(r, {}).get("done") for r in range(world))
         if done or time.monotonic() - changed > stall_s:
             break
@@ -397,7 +402,7 @@ def _finish(out: Path, jobs, plan, pred, folder: Path, world: int, stall_s: floa
     stalled = [r for r in range(world) if not states.get(r, {}).get("done")]
     if stalled:
         log.error("rank(s) %s reported nothing for %.0f s; their unreported scans are listed as missing in %s", stalled, stall_s, out)
-    summary = _write_summary(out, jobs, plan, pred, states, final=True, stalled=stalled)
+    summary = _write_summary(out, jobs, table, pred, states, final=True, stalled=stalled)
     if not stalled:
         shutil.rmtree(folder, ignore_errors=True)
         with contextlib.suppress(OSError):  # another run's folder may still be there
@@ -405,7 +410,7 @@ def _finish(out: Path, jobs, plan, pred, folder: Path, world: int, stall_s: floa
     return summary["scans"]
 
 
-def _write_summary(out: Path, jobs, plan, pred, states: Dict[int, dict], final: bool = False, stalled: Sequence[int] = ()) -> dict:
+def _write_summary(out: Path, jobs, table, pred, states: Dict[int, dict], final: bool = False, stalled: Sequence[int] = ()) -> dict:
     """The merged summary, one entry per job in input order: the rank's record, else
     ``pending`` (still running) or, in the final summary, ``missing``."""
     got = {rec["index"]: rec for s in states.values() for rec in s["scans"]}
@@ -413,14 +418,14 @@ def _write_summary(out: Path, jobs, plan, pred, states: Dict[int, dict], final: 
     for i, job in enumerate(jobs):
         rec = got.get(i)
         if rec is None:
-            rank = plan["ranks"][i]
+            rank = table["ranks"][i]
             rec = {"index": i, "name": job.name, "inputs": [str(p) for p in job.images], "output": str(job.output), "rank": rank,
-                   "voxels": plan["voxels"][i], "status": "missing" if final else "pending"}
+                   "voxels": table["voxels"][i], "status": "missing" if final else "pending"}
             if final:
                 rec["error"] = f"rank {rank} stopped reporting" if rank in stalled else f"rank {rank} did not report it"
         scans.append(rec)
     counts = {k: sum(r["status"] == k for r in scans) for k in ("ok", "failed", "pending", "missing")}
-    summary = {"complete": final and not stalled, "world_size": plan["world_size"], "counts": counts, "model": pred.run_info, "scans": scans}
+    summary = {"complete": final and not stalled, "world_size": table["world_size"], "counts": counts, "model": pred.run_info, "scans": scans}
     write_text(out, json.dumps(summary, indent=2))
     return summary
 

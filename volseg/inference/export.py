@@ -18,6 +18,7 @@ from typing import Optional, Union
 
 from ..config import ConfigError, check_choice
 from ..data.io import atomic_write, write_text
+from .predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ def export(run_dir: Union[str, Path], fmt: str = "torchscript", output: Optional
     """Write the network of ``run_dir`` as TorchScript (``.pt``) or ONNX (``.onnx``) plus a
     ``.json`` preprocessing description; return the model file's path."""
     import torch
-
-    from .predictor import Predictor
 
     check_choice("format", fmt, ("torchscript", "onnx"))
     pred = Predictor.from_run(run_dir, device="cpu")

@@ -1,8 +1,8 @@
 """Training: the ignite engine (:mod:`.engine`), cached data (:mod:`.data`), its handlers
-(:mod:`.handlers`) and the self-describing run folder (:mod:`.run_folder`)."""
+(:mod:`.handlers`), checkpoint state (:mod:`.state`), the run's log (:mod:`.logfile`) and the
+validation predictions written at the end (:mod:`.validation`)."""
 
 from .engine import train
 from .handlers import TrainingDivergedError
-from .run_folder import RunFolderError, RunLockedError
 
-__all__ = ["train", "RunFolderError", "RunLockedError", "TrainingDivergedError"]
+__all__ = ["train", "TrainingDivergedError"]

@@ -34,10 +34,14 @@ from typing import List, Optional, Sequence
 import numpy as np
 from monai.transforms import MapTransform
 
-from .. import __version__
+from .. import distributed
 from ..config import Config
+from ..data.io import read_header
 from ..data.manifest import Case
-from ..data.preprocess import Plan, preprocess_case
+from ..data.plan import PreprocessingPlan
+from ..data.transforms import cached_transforms, random_transforms
+from ..preprocessing import preprocess_case
+from ..version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,7 @@ class PreprocessCased(MapTransform):
     "label": (1,X,Y,Z) uint8 class indices}`` by replaying ``plan``. Deterministic, so MONAI's
     datasets cache its output."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: PreprocessingPlan):
         super().__init__(keys=["image", "label"])
         self.plan = plan
 
@@ -82,23 +86,21 @@ def items(cases: Sequence[Case]) -> List[dict]:
     return out
 
 
-def cache_folder(plan: Plan, cfg: Config, run: Path) -> Path:
+def cache_folder(plan: PreprocessingPlan, cfg: Config, run: Path) -> Path:
     """``<data.cache_dir or RUN/../volseg_cache>/<hash of plan + cache version>``."""
     root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(run).resolve().parent / "volseg_cache"
     key = hashlib.sha1(f"{plan.to_json()}\n{CACHE_VERSION}\n{__version__}".encode()).hexdigest()[:16]
     return root / key
 
 
-def _voxels(case: Case, plan: Plan) -> float:
-    from ..data.io import read_header
-
+def _voxels(case: Case, plan: PreprocessingPlan) -> float:
     head = read_header(case.images[0])
     size, spacing = head.GetSize()[:3], head.GetSpacing()[:3]
     # reorientation permutes axes, so the product of extents is what matters
     return float(np.prod(np.array(size, float) * np.array(spacing)) / np.prod(plan.spacing))
 
 
-def estimate_cache_bytes(cases: Sequence[Case], plan: Plan, with_indices: bool = True) -> int:
+def estimate_cache_bytes(cases: Sequence[Case], plan: PreprocessingPlan, with_indices: bool = True) -> int:
     """Bytes a memory cache of ``cases`` takes: voxels at the plan's spacing x (4 bytes per
     channel + 1 label byte + 8 bytes of class indices when ``with_indices``)."""
     per_voxel = 4 * len(plan.channels) + (_LABEL_AND_INDEX_BYTES if with_indices else 1)
@@ -117,12 +119,10 @@ def available_ram_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _choose_cache(cfg: Config, train_cases, val_cases, plan: Plan) -> str:
+def _choose_cache(cfg: Config, train_cases, val_cases, plan: PreprocessingPlan) -> str:
     """``data.cache``, or ``disk`` when a memory cache would not fit. Under torchrun the cases
     are this rank's shard, and the processes on one machine share its RAM: the estimate is
     multiplied by their number (``LOCAL_WORLD_SIZE``)."""
-    from .. import distributed
-
     if cfg.data.cache != "memory":
         return cfg.data.cache
     procs = distributed.local_world_size()
@@ -172,12 +172,10 @@ def _fill_disk_cache(ds, data: List[dict], transform, folder: Path) -> None:
         filler[i]
 
 
-def build_datasets(train_cases: Sequence[Case], val_cases: Sequence[Case], plan: Plan, cfg: Config, run: Path, num_samples: int):
+def build_datasets(train_cases: Sequence[Case], val_cases: Sequence[Case], plan: PreprocessingPlan, cfg: Config, run: Path, num_samples: int):
     """(training dataset, validation dataset, training transform). Training items are cached
     after padding and class indexing and yield ``num_samples`` augmented patches each;
     validation items are whole preprocessed cases ``{"image", "label"}``."""
-    from ..data.transforms import cached_transforms, random_transforms
-
     t0 = time.perf_counter()
     kind = _choose_cache(cfg, train_cases, val_cases, plan)
     folder = cache_folder(plan, cfg, run) if kind == "disk" else None

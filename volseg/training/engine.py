@@ -7,8 +7,9 @@ The run folder describes itself, so ``volseg infer --model RUN`` needs nothing e
 
     RUN/config.yaml     resolved config (CLI overrides applied, channels filled in)
     RUN/plan.json       preprocessing plan (spacing, orientation, normalisation, labels, patch)
-    RUN/planned_config.yaml, RUN/fingerprint.json   without a config: the planner's commented
-                        config and the dataset fingerprint it was planned from
+    RUN/fingerprint.json  the dataset fingerprint (one pass over the training cases) the plan,
+                        and without a config the planned config, came from
+    RUN/planned_config.yaml   without a config: the planner's commented config
     RUN/dataset.json    manifest name, labels, channels and the train/validation split
     RUN/versions.json   volseg, torch, monai, python versions
     RUN/last.pt         model, optimiser, scheduler, scaler, engine and RNG state (every epoch;
@@ -36,22 +37,32 @@ by as many processes continues exactly.
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Tuple, Union
 
-from ..config import Config, ConfigError, replace
-from ..data.manifest import Manifest, load_manifest, split_cases, validate_cases
-from ..data.preprocess import Plan, make_plan
-from .handlers import EpochRecord, attach_nan_stop, attach_timing, attach_validation, dice_per_class, raise_if_diverged
-from .run_folder import (RunLock, attach_log_file, load_checkpoint, read_config, read_plan, rng_state, set_rng_state,
-                         stored_split, truncate_csv, write_run_files)
+from .. import distributed
+from ..config import Config, ConfigError, load_config, replace
+from ..data.io import write_text
+from ..data.manifest import Manifest, check_case_count, load_manifest, split_cases, validate_cases
+from ..data.plan import PreprocessingPlan
+from ..inference import ModelBundle, Predictor
+from ..nets import build_network
+from ..planning import fingerprint, make_plan, plan_from_fingerprint
+from ..runfolder import RunFolderError, RunLock, load_checkpoint, read_config, read_plan, stored_split, write_run_files
+from ..runtime import amp_dtype, resolve_device
+from .data import build_datasets
+from .handlers import EpochRecord, attach_nan_stop, attach_timing, attach_validation, raise_if_diverged
+from .logfile import run_log
+from .state import rng_state, set_rng_state, truncate_csv
+from .validation import finish_validation
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "dice_per_class", "poly_schedule"]
+__all__ = ["train", "poly_schedule", "build_parts"]
 
 
 @dataclass
@@ -64,7 +75,7 @@ class Parts:
     scaler: Any
     loss: Any
     device: Any
-    amp: Any  # the autocast dtype (inference.predictor.amp_dtype), None: float32
+    amp: Any  # the autocast dtype (runtime.amp_dtype), None: float32
     generator: Any
     ddp: Any = None  # the DistributedDataParallel wrapper that training steps go through; None in one process
 
@@ -77,7 +88,7 @@ def train(
     device: str = "auto",
     progress: bool = False,
     overrides: Sequence[str] = (),
-    plan: Optional[Plan] = None,
+    plan: Optional[PreprocessingPlan] = None,
 ) -> Path:
     """Train a network on ``manifest`` into the run folder ``output``; return its path.
 
@@ -85,13 +96,14 @@ def train(
     and RNG state, on the train/validation split stored in ``output/dataset.json``. The stored
     config is used; a given ``cfg`` only contributes ``train.epochs`` (to extend the run; the
     poly schedule is rebuilt for the new total). ``cfg=None`` on a new run plans one from the data
-    (:mod:`volseg.data.planning`, for ``device``; ``RUN/planned_config.yaml`` and
+    (:mod:`volseg.planning`, for ``device``; ``RUN/planned_config.yaml`` and
     ``RUN/fingerprint.json`` keep the plan) with ``overrides`` (``section.key=value``) on top.
     While it runs, ``output/.lock`` refuses a second ``train`` on the same folder.
-    ``plan``: use this preprocessing plan instead of fingerprinting the split's training cases
-    (cross-validation folds share one, :mod:`.folds`). At the end the validation cases are
-    segmented into ``output/val_predictions/`` and the postprocessing rule is learned from them
-    (:func:`volseg.evaluation.cv.finish_validation`).
+    ``plan``: use this preprocessing plan instead of fingerprinting the manifest's training cases
+    (cross-validation folds share one, :mod:`volseg.workflows.crossval`). At the end the
+    validation cases are segmented into ``output/val_predictions/`` and the postprocessing rule
+    is learned from them (:func:`volseg.training.validation.finish_validation`). While it runs,
+    volseg's log records also go to ``output/train.log`` (attached for this call only).
 
     Under ``torchrun`` (:mod:`volseg.distributed`) every process calls this: rank 0 alone reads
     the manifest, plans, locks and writes the run folder and gives the others config, plan and
@@ -99,18 +111,13 @@ def train(
     ranks, and the DDP gradients are averaged, so the global batch is ``world_size x
     train.batch_size`` (see :func:`_fit`).
     """
-    from .. import distributed
-    from ..inference.predictor import resolve_device
-
     run = Path(output)
     distributed.quiet_other_ranks()
     distributed.init(resolve_device(device).type)
-    with ExitStack() as hold:  # rank 0 holds the run folder's lock until training ends
+    with ExitStack() as hold:  # rank 0 holds the run folder's lock and its log until training ends
         cfg, plan, split = distributed.on_main(_prepare, manifest, cfg, run, resume, device, overrides, hold, plan)
         _fit(run, cfg, plan, split, resume, device, progress and distributed.is_main())
         if distributed.is_main():  # one process segments the validation cases and learns the rule
-            from ..evaluation.cv import finish_validation
-
             finish_validation(run, split[1], device)
         # the others wait for it: a rank that leaves (and tears its group down) while rank 0 still
         # works made gloo abort that rank now and then (SIGABRT in a 2-process test)
@@ -119,10 +126,9 @@ def train(
 
 
 def _prepare(manifest, cfg: Optional[Config], run: Path, resume: bool, device: str, overrides: Sequence[str],
-             hold: ExitStack, plan: Optional[Plan] = None) -> Tuple[Config, Plan, tuple]:
-    """Rank 0: check and lock the run folder (the lock joins ``hold``), then :func:`_setup`."""
-    from .. import distributed
-
+             hold: ExitStack, plan: Optional[PreprocessingPlan] = None) -> Tuple[Config, PreprocessingPlan, tuple]:
+    """Rank 0: check and lock the run folder (the lock and the log file join ``hold``), then
+    :func:`_setup`."""
     if resume and not (run / "last.pt").is_file():
         raise FileNotFoundError(f"--resume: {run / 'last.pt'} does not exist; start a new run without --resume.")
     man = load_manifest(manifest)  # before the folder is made: a bad manifest leaves nothing behind
@@ -130,10 +136,8 @@ def _prepare(manifest, cfg: Optional[Config], run: Path, resume: bool, device: s
     hold.enter_context(RunLock(run))
     if not resume and (run / "last.pt").exists():
         raise FileExistsError(f"{run} already holds a run (last.pt); pass --resume to continue it or choose another --output.")
-    attach_log_file(run / "train.log")
-    if cfg is None and not resume:
-        cfg = _planned(man, run, device, overrides)
-    cfg, plan, split = _setup(man, cfg, run, resume, plan)
+    hold.enter_context(run_log(run / "train.log"))
+    cfg, plan, split = _setup(man, cfg, run, resume, plan, device, overrides)
     world = distributed.world_size()
     if len(split[0]) < world:
         raise ConfigError(f"{len(split[0])} training case(s) cannot be shared by {world} processes (each trains on its own cases); "
@@ -144,36 +148,29 @@ def _prepare(manifest, cfg: Optional[Config], run: Path, resume: bool, device: s
     return cfg, plan, split
 
 
-def _planned(man: Manifest, run: Path, device: str, overrides: Sequence[str]) -> Config:
-    """The planner's config for ``man`` on ``device``, with ``overrides`` applied (checked
-    first: a mistyped key fails before the data are read)."""
-    from ..config import load_config
-    from ..data.manifest import check_case_count
-    from ..data.planning import plan_manifest
-    from ..inference.predictor import resolve_device
-
-    # overrides and the case count fail before the data are read (fingerprinting reads every scan)
-    check_case_count(man, load_config(None, overrides).data.min_cases)
-    return plan_manifest(man, run / "planned_config.yaml", device=resolve_device(device).type,
-                         fingerprint_path=run / "fingerprint.json", overrides=overrides)
-
-
-def _setup(man: Manifest, cfg: Optional[Config], run: Path, resume: bool, plan: Optional[Plan] = None) -> Tuple[Config, Plan, tuple]:
+def _setup(man: Manifest, cfg: Optional[Config], run: Path, resume: bool, plan: Optional[PreprocessingPlan] = None,
+           device: str = "auto", overrides: Sequence[str] = ()) -> Tuple[Config, PreprocessingPlan, tuple]:
     """(config, plan, (train cases, validation cases)): read back from the run folder on
-    resume, else computed and written to it."""
+    resume, else computed and written to it. ``cfg=None``: planned from the data for ``device``
+    with ``overrides`` on top (``RUN/planned_config.yaml``, ``RUN/fingerprint.json``)."""
     if resume:
         stored = read_config(run)
         cfg = stored if cfg is None else replace(stored, train={"epochs": cfg.train.epochs})
         plan, split = read_plan(run), stored_split(run, man)
         validate_cases(man, split[0] + split[1], min_cases=cfg.data.min_cases)
     else:
-        cfg = cfg if cfg is not None else Config()
+        # the split and the fingerprint's orientation and normalisation come from what the
+        # planner does not change: the given config, or the defaults with the overrides (checked
+        # here, before any scan is read)
+        base = cfg if cfg is not None else load_config(None, overrides)
+        check_case_count(man, base.data.min_cases)
         # every case a split can use, checked before splitting (whose warnings assume training goes ahead)
-        validate_cases(man, man.training + man.validation, min_cases=cfg.data.min_cases)
-        split = split_cases(man, cfg.data.val_fraction, cfg.train.seed, cfg.data.folds, cfg.data.fold)
+        validate_cases(man, man.training + man.validation, min_cases=base.data.min_cases)
+        split = split_cases(man, base.data.val_fraction, base.train.seed, base.data.folds, base.data.fold)
         if plan is None:
-            log.info("fingerprinting %d training cases", len(split[0]))
-            plan = make_plan(man, split[0], cfg, seed=cfg.train.seed)
+            cfg, plan = _plan_from_data(man, split[0], cfg, base, run, device, overrides)
+        elif cfg is None:
+            cfg = base
         cfg = _resolve(cfg, man, plan)
         write_run_files(run, cfg, plan, man, split)
     log.info("%s: %d training, %d validation cases", man.name, len(split[0]), len(split[1]))
@@ -181,7 +178,23 @@ def _setup(man: Manifest, cfg: Optional[Config], run: Path, resume: bool, plan: 
     return cfg, plan, split
 
 
-def _resolve(cfg: Config, manifest: Manifest, plan: Plan) -> Config:
+def _plan_from_data(man: Manifest, train_cases, cfg: Optional[Config], base: Config, run: Path, device: str,
+                    overrides: Sequence[str]) -> Tuple[Config, PreprocessingPlan]:
+    """One fingerprint pass over the manifest's training cases (``RUN/fingerprint.json``), then
+    the planned config (when ``cfg`` is None) and the preprocessing plan, both from it; the
+    normalisation's statistics come from ``train_cases`` (the split) alone."""
+    log.info("fingerprinting %d training cases", len(man.training))
+    fp = fingerprint(man, man.training, orientation=base.data.orientation, normalization=base.data.normalization, seed=base.train.seed,
+                     norm_cases=train_cases)
+    if cfg is None:
+        cfg = plan_from_fingerprint(fp, man, run / "planned_config.yaml", device=resolve_device(device).type,
+                                    fingerprint_path=run / "fingerprint.json", overrides=overrides)
+    else:
+        write_text(run / "fingerprint.json", json.dumps(dict(manifest=str(man.path), **fp), indent=2) + "\n")
+    return cfg, make_plan(fp, man, cfg)
+
+
+def _resolve(cfg: Config, manifest: Manifest, plan: PreprocessingPlan) -> Config:
     m = cfg.model
     n_in, n_out = len(manifest.modalities), plan.out_channels
     if m.in_channels not in (None, n_in):
@@ -194,7 +207,7 @@ def _resolve(cfg: Config, manifest: Manifest, plan: Plan) -> Config:
     return replace(cfg, model={"in_channels": n_in, "out_channels": n_out})
 
 
-def _fit(run: Path, cfg: Config, plan: Plan, split: tuple, resume: bool, device: str, progress: bool) -> Path:
+def _fit(run: Path, cfg: Config, plan: PreprocessingPlan, split: tuple, resume: bool, device: str, progress: bool) -> Path:
     """Build, restore and run the engine. With several processes each rank takes its shard of
     the training cases (``distributed.shard``: cached by that rank only) and draws its own
     patches: sampler and augmentation streams are seeded with ``train.seed + rank`` (rank 0's are
@@ -206,9 +219,6 @@ def _fit(run: Path, cfg: Config, plan: Plan, split: tuple, resume: bool, device:
     from ignite.engine import Engine
     from ignite.handlers.tensorboard_logger import TensorboardLogger
     from monai.utils import set_determinism
-
-    from .. import distributed
-    from ..inference.predictor import Predictor
 
     t = cfg.train
     set_determinism(seed=t.seed)  # the same initial weights on every rank
@@ -226,7 +236,7 @@ def _fit(run: Path, cfg: Config, plan: Plan, split: tuple, resume: bool, device:
         trainer.state.max_epochs = t.epochs  # extend: a finished state with the old total would restart at epoch 0
     parts.ddp = distributed.wrap(parts.model)
     row: dict = {}
-    _attach(trainer, parts, Predictor(parts.model, plan, cfg.infer, parts.device), val_ds, plan, cfg, transform, row, progress)
+    _attach(trainer, parts, Predictor(ModelBundle.of(parts.model, plan, cfg), cfg.infer, parts.device), val_ds, plan, cfg, transform, row, progress)
     tb = None
     if distributed.is_main():  # the run folder is rank 0's alone
         tb = TensorboardLogger(log_dir=str(run / "tb"))
@@ -242,13 +252,10 @@ def _fit(run: Path, cfg: Config, plan: Plan, split: tuple, resume: bool, device:
     return run
 
 
-def _loaders(cfg: Config, plan: Plan, split: tuple, run: Path, generator):
+def _loaders(cfg: Config, plan: PreprocessingPlan, split: tuple, run: Path, generator):
     """(training loader of ``steps_per_epoch`` batches per epoch, validation dataset, training
     transform), each over this rank's shard of the cases."""
     from monai.data import DataLoader
-
-    from .. import distributed
-    from .data import build_datasets
 
     t = cfg.train
     num_samples = max(1, min(cfg.data.samples_per_volume, t.batch_size))
@@ -274,14 +281,10 @@ def poly_schedule(opt, total_iters: int, power: float):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda it: max(0.0, 1.0 - it / total_iters) ** power)
 
 
-def build_parts(cfg: Config, plan: Plan, device: str) -> Parts:
+def build_parts(cfg: Config, plan: PreprocessingPlan, device: str) -> Parts:
     """Network, optimiser, poly schedule, AMP scaler and loss for ``cfg`` and ``plan``."""
     import torch
     from monai.losses import DeepSupervisionLoss, DiceCELoss
-
-    from .. import distributed
-    from ..inference.predictor import amp_dtype, resolve_device
-    from ..nets import build_network
 
     t, dev = cfg.train, resolve_device(device)
     model = build_network(cfg.model, len(plan.channels), plan.out_channels).to(dev)
@@ -305,8 +308,6 @@ def build_parts(cfg: Config, plan: Plan, device: str) -> Parts:
 
 def _step(p: Parts, grad_clip: float):
     import torch
-
-    from .. import distributed
 
     def step(engine, batch) -> float:
         net = p.ddp if p.ddp is not None else p.model
@@ -337,8 +338,6 @@ def _restore(run: Path, p: Parts, trainer, cfg: Config) -> Tuple[int, float]:
     """Load last.pt (read by rank 0, given to all) into ``p`` and ``trainer``; return (epochs
     done, best validation Dice). The schedule keeps its position but follows the poly curve of
     the (possibly extended) ``train.epochs``."""
-    from .. import distributed
-
     t = cfg.train
     total_iters = t.epochs * t.steps_per_epoch
     ckpt = distributed.on_main(load_checkpoint, run / "last.pt")
@@ -351,8 +350,6 @@ def _restore(run: Path, p: Parts, trainer, cfg: Config) -> Tuple[int, float]:
         epoch, best = int(ckpt["epoch"]), float(ckpt["best"])
         _restore_rng(ckpt["rng"], p.generator, t.seed, epoch)
     except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as exc:
-        from .run_folder import RunFolderError
-
         raise RunFolderError(f"{run / 'last.pt'}: does not match this run ({type(exc).__name__}: {str(exc)[:160]}); "
                              "start a new run or restore the file.") from None
     it = p.sched.last_epoch
@@ -372,8 +369,6 @@ def _restore_rng(stored, generator, seed: int, epoch: int) -> None:
     epoch``: reproducible, but not the patches an uninterrupted run would have drawn."""
     from monai.utils import set_determinism
 
-    from .. import distributed
-
     states = stored if isinstance(stored, list) else [stored]  # one state: written by one process
     rank, world = distributed.rank(), distributed.world_size()
     if len(states) == world:
@@ -386,12 +381,10 @@ def _restore_rng(stored, generator, seed: int, epoch: int) -> None:
              len(states), world, world)
 
 
-def _attach(trainer, p: Parts, predictor, val_ds, plan: Plan, cfg: Config, transform, row: dict, progress: bool) -> None:
+def _attach(trainer, p: Parts, predictor, val_ds, plan: PreprocessingPlan, cfg: Config, transform, row: dict, progress: bool) -> None:
     """Timing, augmentation seeding, RNG states, validation, the NaN stop and (on a terminal) a
     progress bar. On every rank: the collectives inside must run on all of them."""
     from ignite.engine import Events
-
-    from .. import distributed
 
     seed = cfg.train.seed + distributed.rank()
 

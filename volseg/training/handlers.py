@@ -12,27 +12,20 @@ from typing import Dict, List
 
 import numpy as np
 
+from .. import distributed
 from ..config import ConfigError
 from ..data.io import save_torch, write_text
+from ..metrics import dice_per_class
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainingDivergedError", "dice_per_class", "EpochRecord", "attach_timing", "attach_validation", "attach_nan_stop"]
+__all__ = ["TrainingDivergedError", "EpochRecord", "attach_timing", "attach_validation", "attach_nan_stop"]
 
 
 class TrainingDivergedError(ConfigError):
     """The training loss became NaN or infinite; the message names the iteration."""
 
 
-def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> List[float]:
-    """Dice of each foreground class index (1..K-1); both empty counts as 1."""
-    import torch
-    from monai.metrics import compute_dice
-    from monai.networks.utils import one_hot
-
-    p = one_hot(torch.as_tensor(pred[None, None]).long(), num_classes)
-    t = one_hot(torch.as_tensor(truth[None, None]).long(), num_classes)
-    return compute_dice(p, t, include_background=False, ignore_empty=False)[0].tolist()
 
 
 def attach_timing(trainer, row: Dict[str, float]) -> None:
@@ -74,8 +67,6 @@ def attach_validation(trainer, model, predictor, val_ds, plan, every: int, row: 
     is exactly that of one process predicting them all."""
     from ignite.engine import Events
     from monai.networks import eval_mode
-
-    from .. import distributed
 
     names = list(plan.label_names[1:])
     told: List[bool] = []
@@ -135,8 +126,8 @@ class EpochRecord:
         self.csv = run / "metrics.csv"
 
     def attach(self, trainer, tb_logger) -> None:
-        from ignite.handlers.tensorboard_logger import OutputHandler
         from ignite.engine import Events
+        from ignite.handlers.tensorboard_logger import OutputHandler
 
         if not self.csv.exists():
             write_text(self.csv, ",".join(self.header) + "\n")

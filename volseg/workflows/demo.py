@@ -12,6 +12,12 @@ import time
 from pathlib import Path
 from typing import Sequence, Union
 
+from ..config import load_config
+from ..data.synth import make_dataset
+from ..evaluation import evaluate, write_report
+from ..inference import collect_inputs, infer_many
+from ..training import train
+
 log = logging.getLogger(__name__)
 
 __all__ = ["run_demo", "demo_config"]
@@ -20,20 +26,12 @@ __all__ = ["run_demo", "demo_config"]
 def demo_config(overrides: Sequence[str] = ()):
     """The shipped ``demo`` config (``configs/demo.yaml``, package data once installed) with
     ``overrides`` applied."""
-    from .config import load_config
-
     return load_config("demo", overrides)
 
 
 def run_demo(output: Union[str, Path] = "demo", device: str = "auto", overrides: Sequence[str] = (), progress: bool = False,
              cases: int = 10, test_cases: int = 4, shape: Sequence[int] = (64, 64, 48)) -> dict:
     """Run the whole pipeline on synthetic CT phantoms; return paths, minutes and test Dice."""
-    from .data.synth import make_dataset
-    from .evaluation import evaluate
-    from .evaluation.report import write_report
-    from .inference import collect_inputs, infer_many
-    from .training import train
-
     t0 = time.perf_counter()
     out = Path(output)
     data = out / "data"

@@ -1,8 +1,9 @@
 """Planning: dataset fingerprint -> an ordinary, commented config YAML.
 
-:func:`fingerprint` reads every labelled training case once: spacings and shapes (canonical
-axis order), per-channel foreground intensity statistics, class voxel frequencies and the size
-of the smallest structure of each class. :func:`plan_config` turns it into a
+:func:`~volseg.planning.fingerprint.fingerprint` reads every labelled training case once:
+spacings and shapes (canonical axis order), per-channel foreground intensity statistics, class
+voxel frequencies and the size of the smallest structure of each class. :func:`plan_config`
+turns it into a
 :class:`~volseg.config.Config` and one comment per decision (nnU-Net's rules, in readable form):
 
 * target spacing: the median; thick-slice data (max/min spacing > :data:`ANISOTROPY`) gets the
@@ -32,104 +33,29 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import SimpleITK as sitk
 
-from ..config import Config, ConfigError, ModelConfig, apply_overrides, from_dict, load_config, to_dict
-from .io import write_text
-from .manifest import Case, Manifest, is_ct_modality
-from .preprocess import SOFT_TISSUE_HU, canonical_geometry, channel_scheme, ct_window, hu_offset, load_case
+from ..config import Config, ModelConfig, apply_overrides, from_dict, load_config, to_dict
+from ..data.io import write_text
+from ..data.manifest import Manifest, validate_cases
+from ..nets import receptive_field
+from ..preprocessing.intensity import SOFT_TISSUE_HU, ct_window
+from .fingerprint import fingerprint
+from .memory import measure_step_memory, memory_budget
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fingerprint", "plan_config", "write_plan", "plan_manifest", "measure_step_memory", "DEFAULT_CPU_MEMORY_GB"]
+__all__ = ["plan_config", "render_plan", "write_plan", "plan_manifest", "plan_from_fingerprint"]
 
 ANISOTROPY = 3.0  # max/min target spacing above which data count as thick-slice (nnU-Net's value)
-#: CPU planning budget when --memory is not given: a CPU step on a 2 GB network already takes
-#: seconds, so bigger patches buy little there
-DEFAULT_CPU_MEMORY_GB = 2.0
-GPU_MEMORY_MARGIN = 0.85  # of the GPU's free memory: cuDNN workspaces and fragmentation need the rest
 MAX_LEVELS = 6
 PATCH_SIDES = (16, 24, 32, 40, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)  # longest patch axis, candidates
 MAX_BATCH = 32
 
 Comments = Dict[Tuple[str, str], str]
-
-
-# ---------------------------------------------------------------------------------------------
-# fingerprint
-
-
-def _label_counts(label: sitk.Image) -> Dict[int, int]:
-    """Voxels per label value. ITK's label statistics, not ``np.bincount``: bincount first
-    copies the map to int64 (8 bytes a voxel), 1.5 s and 0.6 GB for a 512 x 512 x 300 scan,
-    where this takes 0.14 s (2-core CPU, 2026-12-02, one run each)."""
-    stats = sitk.LabelShapeStatisticsImageFilter()  # background value 0: counted as the rest
-    stats.ComputePerimeterOff()
-    stats.Execute(label)
-    counts = {int(v): int(stats.GetNumberOfPixels(v)) for v in stats.GetLabels()}
-    counts[0] = int(np.prod(label.GetSize())) - sum(counts.values())
-    return counts
-
-
-def fingerprint(manifest: Manifest, cases: Sequence[Case], orientation: str = "RAS", max_samples: int = 100_000, seed: int = 0) -> dict:
-    """Dataset fingerprint as a JSON-able dict. Spacings (mm) and shapes (voxels) are in the
-    canonical ``orientation``'s (x, y, z) order; intensity statistics are over labelled
-    foreground voxels (at most ``max_samples`` per channel, drawn evenly from the cases).
-    ``classes[i]["smallest_mm3"]``: the smallest volume the class has in any one case (None
-    when it never occurs)."""
-    rng = np.random.default_rng(seed)
-    values = sorted(manifest.labels)
-    per_case = max(1, max_samples // max(1, len(cases)))
-    spacings, shapes, samples = [], [], [[] for _ in manifest.modalities]
-    counts = np.zeros(len(values), np.int64)
-    smallest: Dict[int, float] = {}
-    present = {v: 0 for v in values}
-    for case in cases:
-        images, label = load_case(case)
-        canon, _, _ = canonical_geometry(images[0], orientation)  # geometry only, no pixel copy
-        spacings.append([float(s) for s in canon.GetSpacing()])
-        shapes.append([int(s) for s in canon.GetSize()])
-        lab = sitk.GetArrayViewFromImage(label)
-        case_counts = _label_counts(label)
-        voxel_mm3 = float(np.prod(canon.GetSpacing()))
-        for i, v in enumerate(values):
-            n = case_counts.get(v, 0)
-            counts[i] += n
-            if v and n:
-                present[v] += 1
-                smallest[v] = min(smallest.get(v, math.inf), n * voxel_mm3)
-        mask = lab > 0
-        for c, img in enumerate(images):
-            name = manifest.modalities[c]
-            vals = sitk.GetArrayViewFromImage(img)[mask] + hu_offset(img, channel_scheme("auto", name), name, case.name)
-            samples[c].append(rng.choice(vals, per_case, replace=False) if vals.size > per_case else vals)
-    return {
-        "cases": len(cases),
-        "orientation": orientation.upper(),
-        "spacings_mm": spacings,
-        "shapes": shapes,
-        "channels": [_channel_stats(name, samples[c]) for c, name in enumerate(manifest.modalities)],
-        "classes": [
-            {"value": v, "name": manifest.labels[v], "voxel_fraction": float(counts[i] / max(1, counts.sum())),
-             "cases_present": present[v] if v else len(cases), "smallest_mm3": smallest.get(v)}
-            for i, v in enumerate(values)
-        ],
-    }
-
-
-def _channel_stats(name: str, samples: List[np.ndarray]) -> dict:
-    vals = np.concatenate(samples).astype(np.float64) if samples else np.zeros(0)
-    stats = {"name": name, "ct": is_ct_modality(name), "foreground_voxels_sampled": int(vals.size)}
-    if vals.size:
-        p = np.percentile(vals, [0.5, 50, 99.5])
-        stats.update(mean=float(vals.mean()), std=float(vals.std()), p00_5=float(p[0]), median=float(p[1]), p99_5=float(p[2]))
-    return stats
-
 
 # ---------------------------------------------------------------------------------------------
 # decisions
@@ -152,18 +78,6 @@ def _target_spacing(fp: dict) -> Tuple[Tuple[float, ...], Optional[int], str]:
             f"a 2-entry data.patch_size, model.pooling: null)")
 
 
-def _memory_budget(memory_gb: Optional[float], device: str) -> Tuple[float, str]:
-    """(bytes, comment): --memory wins; else the GPU's free memory (cuda) or the CPU default."""
-    if memory_gb is not None:
-        if not memory_gb > 0:
-            raise ConfigError(f"--memory={memory_gb!r} must be > 0 (GB).")
-        return memory_gb * 2**30, f"{memory_gb:g} GB (--memory)"
-    if device == "cuda":
-        import torch
-
-        free, total = torch.cuda.mem_get_info()
-        return free * GPU_MEMORY_MARGIN, f"{GPU_MEMORY_MARGIN:.0%} of the GPU's {free / 2**30:.1f} GB free ({total / 2**30:.0f} GB total)"
-    return DEFAULT_CPU_MEMORY_GB * 2**30, f"{DEFAULT_CPU_MEMORY_GB:g} GB, the CPU default (--memory GB to change)"
 
 
 def _pooling(patch: Sequence[float], spacing: Sequence[float], base: int) -> Tuple[Tuple[int, ...], ...]:
@@ -172,8 +86,6 @@ def _pooling(patch: Sequence[float], spacing: Sequence[float], base: int) -> Tup
     coarse as the finest of those axes at that level; levels are added until the receptive
     field covers the patch along every axis or no axis may pool (nnU-Net's rules). At least one
     pooling: the builder's minimum of two levels."""
-    from ..nets import receptive_field
-
     sizes, sp, strides = np.array(patch, float), np.array(spacing, float), []
     while len(strides) < MAX_LEVELS - 1:
         if strides:
@@ -207,58 +119,8 @@ def _candidate(median: np.ndarray, side: int, base: int, spacing: Sequence[float
     return tuple(int(v) for v in np.minimum(np.maximum(m, np.ceil(raw / m) * m), cap)), model
 
 
-def measure_step_memory(model: ModelConfig, in_channels: int, out_channels: int, patch: Sequence[int], batch: int, device: str = "cpu") -> float:
-    """Bytes one training step of ``model`` on ``(batch, in_channels, *patch)`` needs, measured
-    with a dry forward/backward pass. ``cuda``: the real pass (AMP, as training) and its peak
-    allocated memory, ``inf`` when it runs out. ``cpu``: the same pass on the ``meta`` device
-    (shapes only, no compute, about 0.1 s): the tensors autograd saves for backward plus weights,
-    gradients and two AdamW moments, plus twice the largest saved tensor for backward's
-    temporaries."""
-    import torch
-
-    from ..nets import build_network
-
-    if device == "cuda":
-        return _measure_cuda(model, in_channels, out_channels, patch, batch)
-    saved: Dict[int, int] = {}
-
-    def pack(t):
-        saved[id(t)] = t.numel() * t.element_size()  # id: a tensor saved by two layers counts once
-        return t
-
-    with torch.device("meta"):
-        net = build_network(model, in_channels, out_channels)
-        x = torch.zeros(batch, in_channels, *patch)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = net(x)
-        sum(o.float().mean() for o in (out if isinstance(out, list) else [out])).backward()
-    params = sum(p.numel() * p.element_size() for p in net.parameters())
-    return float(sum(saved.values()) + 2 * max(saved.values()) + 4 * params + x.numel() * x.element_size())
 
 
-def _measure_cuda(model: ModelConfig, in_channels: int, out_channels: int, patch: Sequence[int], batch: int) -> float:
-    import torch
-
-    from ..nets import build_network
-
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    try:
-        net = build_network(model, in_channels, out_channels).cuda()
-        opt = torch.optim.AdamW(net.parameters())
-        x = torch.zeros(batch, in_channels, *patch, device="cuda")
-        with torch.autocast("cuda", dtype=torch.float16):
-            out = net(x)
-            loss = sum(o.float().mean() for o in (out if isinstance(out, list) else [out]))
-        loss.backward()
-        opt.step()
-        return float(torch.cuda.max_memory_allocated() - base)
-    except torch.cuda.OutOfMemoryError:
-        return math.inf
-    finally:
-        net = opt = x = out = loss = None  # noqa: F841  free before the next candidate
-        torch.cuda.empty_cache()
 
 
 def _patch_and_batch(fp: dict, spacing: Sequence[float], budget: float, device: str, n_in: int, n_out: int) -> Tuple[dict, str, str]:
@@ -357,11 +219,9 @@ def plan_config(fp: dict, manifest: Manifest, memory_gb: Optional[float] = None,
         spacing, thick, spacing_why = _target_spacing(fp)
     else:
         spacing, thick, spacing_why = tuple(float(s) for s in spacing), None, "set by the user (data.spacing); the patch and depth below fit it"
-    budget, budget_why = _memory_budget(memory_gb, device)
+    budget, budget_why = memory_budget(memory_gb, device)
     best, patch_why, batch_why = _patch_and_batch(fp, spacing, budget, device, n_in, n_out)
     ratios, ratios_why = _class_ratios(fp)
-    from ..nets import receptive_field
-
     model = best["model"]
     rf = receptive_field(model)
     bottleneck = [p // m for p, m in zip(best["patch"], model.input_multiple)]
@@ -427,16 +287,21 @@ def write_plan(cfg: Config, comments: Comments, fp: dict, path: Union[str, Path]
 
 def plan_manifest(manifest: Manifest, output: Union[str, Path], memory_gb: Optional[float] = None, device: str = "cpu",
                   fingerprint_path: Union[str, Path, None] = None, overrides: Sequence[str] = ()) -> Config:
-    """Validate and fingerprint ``manifest``'s training cases, plan, write the config YAML to
-    ``output`` (and the fingerprint beside it) and return the planned config with ``overrides``
-    (``section.key=value``) applied on top."""
-    from .manifest import validate_cases
-
+    """Validate and fingerprint ``manifest``'s training cases, then :func:`plan_from_fingerprint`."""
     if memory_gb is not None:
-        _memory_budget(memory_gb, device)  # a bad --memory fails before the data are read
+        memory_budget(memory_gb, device)  # a bad --memory fails before the data are read
     validate_cases(manifest, manifest.training, min_cases=1)
     log.info("fingerprinting %d training cases of %s", len(manifest.training), manifest.path)
-    fp = dict(manifest=str(manifest.path), **fingerprint(manifest, manifest.training))
+    fp = fingerprint(manifest, manifest.training)
+    return plan_from_fingerprint(fp, manifest, output, memory_gb, device, fingerprint_path, overrides)
+
+
+def plan_from_fingerprint(fp: dict, manifest: Manifest, output: Union[str, Path], memory_gb: Optional[float] = None, device: str = "cpu",
+                          fingerprint_path: Union[str, Path, None] = None, overrides: Sequence[str] = ()) -> Config:
+    """Plan from fingerprint ``fp``, write the config YAML to ``output`` (and the fingerprint
+    beside it) and return the planned config with ``overrides`` (``section.key=value``) applied
+    on top."""
+    fp = dict(manifest=str(manifest.path), **{k: v for k, v in fp.items() if k != "manifest"})
     # a spacing override is planned at: a patch and depth fitted to another spacing would cover
     # another field of view (a 160 x 160 x 8 patch planned at 1 x 1 x 2 mm is 720 x 720 x 36 mm at 4.5 mm)
     user = apply_overrides({}, overrides)

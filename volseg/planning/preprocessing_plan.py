@@ -1,0 +1,81 @@
+"""The preprocessing plan from a fingerprint and a config: a pure function, no scan is read."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence, Tuple
+
+import numpy as np
+
+from ..config import Config, ConfigError
+from ..data.manifest import Case, Manifest
+from ..data.plan import ChannelNorm, PreprocessingPlan
+from .fingerprint import channel_schemes, fingerprint
+
+log = logging.getLogger(__name__)
+
+__all__ = ["make_plan", "plan_cases"]
+
+
+def make_plan(fp: dict, manifest: Manifest, cfg: Config) -> PreprocessingPlan:
+    """The :class:`PreprocessingPlan` of ``cfg`` for fingerprint ``fp`` of ``manifest``'s
+    training cases: ``data.spacing`` or the median spacing (canonical axis order), the patch
+    fitted to the median case, and per channel the normalisation (CT: the foreground window and
+    clipped statistics). ``fp`` must be taken in ``cfg``'s orientation and normalisation."""
+    schemes = channel_schemes(manifest, cfg.data.normalization)
+    taken = [c["norm"]["scheme"] for c in fp["channels"]]
+    if fp["orientation"] != cfg.data.orientation.upper() or taken != schemes:
+        raise ValueError(f"the fingerprint was taken for orientation {fp['orientation']} and channel schemes {taken}, "
+                         f"the config asks for {cfg.data.orientation.upper()} and {schemes}.")
+    spacings = np.array(fp["spacings_mm"], float)
+    spacing = tuple(float(s) for s in (cfg.data.spacing or np.median(spacings, axis=0)))
+    extent = np.median(np.array(fp["shapes"]) * spacings, axis=0)  # mm
+    patch = _fit_patch(cfg, extent / np.array(spacing))
+    norms = []
+    for c, (ch, scheme) in enumerate(zip(fp["channels"], schemes)):
+        stats = ch["norm"]
+        if scheme != "ct":
+            norms.append(ChannelNorm(scheme))
+            continue
+        if stats["foreground_voxels_sampled"] < 10:
+            raise ConfigError(f"CT normalisation of channel {c} ({ch['name']}) needs labelled foreground voxels; "
+                              f"found {stats['foreground_voxels_sampled']}.")
+        norms.append(ChannelNorm("ct", float(stats["lo"]), float(stats["hi"]), float(stats["mean"]), float(stats["std"])))
+    if not any(c["cases_present"] for c in fp["classes"] if c["value"] != 0):
+        log.warning("none of the %d training cases has a foreground voxel in its label map: the network can only learn "
+                    "background; check the manifest's label files", fp["cases"])
+    values = sorted(manifest.labels)
+    return PreprocessingPlan(
+        spacing=spacing,
+        orientation=cfg.data.orientation.upper(),
+        channels=tuple(manifest.modalities),
+        norms=tuple(norms),
+        label_values=tuple(values),
+        label_names=tuple(manifest.labels[v] for v in values),
+        spatial_dims=cfg.model.spatial_dims,
+        patch_size=patch,
+        slice_axis=cfg.data.slice_axis,
+    )
+
+
+def _fit_patch(cfg: Config, median_shape: np.ndarray) -> Tuple[int, ...]:
+    """``data.patch_size`` is an upper bound: an axis longer than the median preprocessed case
+    shrinks to that length rounded up to the network's input multiple, so no compute is spent
+    on padding (e.g. 5 mm slices: few voxels along z)."""
+    axes = [0, 1, 2]
+    if cfg.model.spatial_dims == 2:
+        axes.remove(cfg.data.slice_axis)
+    fitted = []
+    for p, ax, multiple in zip(cfg.data.patch_size, axes, cfg.model.input_multiple):
+        need = int(np.ceil(median_shape[ax] / multiple) * multiple)
+        fitted.append(int(min(p, max(multiple, need))))
+    if tuple(fitted) != tuple(cfg.data.patch_size):
+        log.info("patch size %s fitted to the median case shape %s: %s", list(cfg.data.patch_size), np.round(median_shape).astype(int).tolist(), fitted)
+    return tuple(fitted)
+
+
+def plan_cases(manifest: Manifest, cases: Sequence[Case], cfg: Config, seed: int = 0) -> PreprocessingPlan:
+    """:func:`make_plan` of a fresh fingerprint of ``cases`` (in ``cfg``'s orientation and
+    normalisation): the plan of a set of cases in one call."""
+    fp = fingerprint(manifest, cases, orientation=cfg.data.orientation, normalization=cfg.data.normalization, seed=seed)
+    return make_plan(fp, manifest, cfg)

@@ -1,5 +1,6 @@
 # `make demo`: set up .venv and run the full pipeline on synthetic phantoms.
-# `make test`: set up .venv and run the test suite.
+# `make test`: set up .venv and run the test suite; `make test-fast`: the edit-loop tier (not slow).
+# `make lint`: import layers, ruff, mypy and the docs site, as CI runs them.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,7 +16,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast lint clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -23,7 +24,7 @@ $(BIN)/activate:
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install -q -e '.[test,notebook]'
+	$(BIN)/pip install -q -e '.[test,notebook,dev]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -33,6 +34,15 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+lint: setup
+	$(BIN)/lint-imports
+	$(BIN)/ruff check volseg tests benchmarks docs
+	$(BIN)/python docs/gen_config_reference.py --check
+	$(BIN)/mkdocs build --strict --quiet -d $(VENV)/site
 
 clean:
 	rm -rf $(VENV) demo runs

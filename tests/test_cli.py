@@ -40,6 +40,7 @@ def test_probabilities_help_names_the_stored_type():
     assert "float16" not in text and "uint8" in text and "1/255" in text
 
 
+@pytest.mark.slow
 def test_no_carriage_returns_when_stderr_is_a_pipe(tiny_dataset, tmp_path):
     """Progress bars in a log file or pipe are a wall of '\\r' frames: there, one log line per
     epoch and per scan says how far the command got, and no bar is drawn."""

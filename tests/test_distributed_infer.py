@@ -72,6 +72,7 @@ def test_scan_voxels_reads_headers(scans, tmp_path):
     assert scan_voxels(collect_inputs([tmp_path / "junk.nii.gz"])[0]) == 0  # fails later, on its rank
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_and_summary(tiny_run, scans, tmp_path):
     """A truncated scan fails on its rank; the others are segmented exactly as by one process."""
     folder = tmp_path / "in"

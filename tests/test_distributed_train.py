@@ -31,6 +31,8 @@ NO_AUGMENT = [f"augment.{f.name}=0" for f in dataclasses.fields(AugmentConfig) i
 BASE = ["model.features=[4,8]", "model.norm=instance", "data.samples_per_volume=2", "train.batch_size=2", "train.val_every=1",
         "train.amp=false", "infer.overlap=0.25"]
 
+pytestmark = pytest.mark.slow  # several torchrun trainings
+
 
 def _free_port() -> int:
     with socket.socket() as s:

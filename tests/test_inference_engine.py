@@ -250,6 +250,7 @@ def test_crop_keeps_background_outside_and_labels_inside():
     assert Predictor(ModelBundle.of(_net(3, 3), plan), InferConfig(crop="windows"), "cpu").predict([sitk.Image(img) * 0 - 1000])["box"] is None
 
 
+@pytest.mark.slow
 def test_memory_is_bounded_by_plan_memory_not_classes_times_volume(tmp_path):
     """Peak RSS of predict() with 48 classes on a mid-size scan, measured in a subprocess, stays
     near plan_memory's bound, far below the classes x volume float16 array of a non-streaming

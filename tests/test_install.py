@@ -62,6 +62,7 @@ def test_install_holds_every_module_and_shipped_config(site, tmp_path):
     assert sorted(Path(p).name for p in configs) == shipped and all(Path(p).is_relative_to(site) for p in configs)
 
 
+@pytest.mark.slow
 def test_installed_config_names_from_another_directory(site, tmp_path):
     res = _run(site, tmp_path, "-m", "volseg", "model", "--config", "gpu_fullres.yaml")  # the bare name: tests/test_config.py
     assert res.returncode == 0, res.stderr
@@ -71,6 +72,7 @@ def test_installed_config_names_from_another_directory(site, tmp_path):
     assert "'gpu_fulres'" in res.stderr and "'demo'" in res.stderr and "Did you mean 'gpu_fullres'" in res.stderr
 
 
+@pytest.mark.slow
 def test_installed_plan_and_demo_from_another_directory(site, tmp_path):
     res = _run(site, tmp_path, "-m", "volseg", "synth", "data", "--cases", "2", "--test-cases", "0", "--shape", "24", "24", "16")
     assert res.returncode == 0, res.stderr

@@ -4,12 +4,15 @@ intensity threshold can (the phantoms are built so that no HU window separates t
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from volseg.cli import main
 from volseg.data.manifest import load_manifest
 
 from .test_synth import _best_window_dice
+
+pytestmark = pytest.mark.slow  # a real training: minutes on 2 cores
 
 SHORT = [
     "model.features=[8,16,32,64]",

@@ -49,6 +49,7 @@ def test_refuses_to_overwrite_a_run(tiny_run, tiny_dataset, capsys):
     assert code == 2 and "--resume" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(tiny_dataset, tmp_path):
     run = tmp_path / "killed"
     args = [sys.executable, "-m", "volseg.cli", "-q", "train", str(tiny_dataset), "--output", str(run), "--device", "cpu"]

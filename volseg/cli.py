@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 log = logging.getLogger("volseg")
 
@@ -21,6 +21,33 @@ def _config(args) -> object:
     from .config import load_config
 
     return load_config(args.config, args.set or [])
+
+
+def _set_keys(sets: Sequence[str]) -> List[str]:
+    """The ``section.key`` names of ``--set`` values, parsed as the config parses them."""
+    from .config import apply_overrides
+
+    return [f"{section}.{key}" for section, values in apply_overrides({}, sets).items() for key in values]
+
+
+def _infer_overrides(args) -> dict:
+    """``volseg infer``'s settings: ``--set infer.KEY=VALUE`` (and the shortcut flags), checked
+    against the typed ``infer`` section (unknown keys and bad values end in one line)."""
+    from .config import ConfigError, apply_overrides, from_dict
+
+    sets = list(args.set or [])
+    if args.overlap is not None:
+        sets.append(f"infer.overlap={args.overlap}")
+    if args.batch_size is not None:
+        sets.append(f"infer.batch_size={args.batch_size}")
+    if args.tta:
+        sets.append("infer.tta=true")
+    other = [k for k in _set_keys(sets) if not k.startswith("infer.")]
+    if other:
+        raise ConfigError(f"volseg infer --set takes infer.KEY=VALUE only; {other} belong to training (volseg train --set).")
+    values = apply_overrides({}, sets).get("infer", {})
+    from_dict({"infer": values})  # the typed check: names the allowed keys and ranges
+    return values
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: Optional[str] = None, without: str = "") -> None:
@@ -53,12 +80,16 @@ def cmd_model(args) -> int:
 
 
 def cmd_synth(args) -> int:
+    from .config import ConfigError
     from .data.synth import make_dataset
 
-    path = make_dataset(
-        args.out_dir, cases=args.cases, modality=args.modality, seed=args.seed,
-        shape=tuple(args.shape), spacing=tuple(args.spacing) if args.spacing else None, test_cases=args.test_cases,
-    )
+    try:
+        path = make_dataset(
+            args.out_dir, cases=args.cases, modality=args.modality, seed=args.seed,
+            shape=tuple(args.shape), spacing=tuple(args.spacing) if args.spacing else None, test_cases=args.test_cases,
+        )
+    except ValueError as exc:  # the generator's argument checks: a user mistake, one line
+        raise ConfigError(str(exc)) from None
     print(f"wrote {args.cases} training + {args.test_cases} test {args.modality.upper()} phantoms: {path}")
     return 0
 
@@ -82,8 +113,8 @@ def cmd_train(args) -> int:
     # Without --config a new run is planned from the data; --set then overrides planned keys.
     cfg = _config(args) if (args.config or args.set or not args.resume) else None
     planned = not args.config and not args.resume
-    keep = ("train.epochs=", "data.fold=") if args.folds else ("train.epochs=",)
-    if args.resume and cfg is not None and (args.config or any(not s.startswith(keep) for s in args.set or [])):
+    keep = ("train.epochs", "data.fold") if args.folds else ("train.epochs",)
+    if args.resume and cfg is not None and (args.config or any(k not in keep for k in _set_keys(args.set or []))):
         from .config import ConfigError
 
         raise ConfigError("--resume continues a run with its stored config; only --set train.epochs=N may be given (to extend it).")
@@ -104,17 +135,18 @@ def cmd_train(args) -> int:
 
 def _train_folds(args, cfg, out: str, planned: bool) -> int:
     """``--folds K``: every fold, or only fold k with ``--set data.fold=k``."""
+    from .config import apply_overrides
     from .workflows import train_folds
 
-    only = [s.split("=", 1)[1] for s in args.set or [] if s.replace(" ", "").startswith("data.fold=")]
+    fold = apply_overrides({}, args.set or []).get("data", {}).get("fold")
     if args.resume:  # the parent's stored config
-        if any(not s.startswith("data.fold=") for s in args.set or []):
+        if any(k != "data.fold" for k in _set_keys(args.set or [])):
             from .config import ConfigError
 
             raise ConfigError(f"--folds --resume continues the folds with {out}/config.yaml; to extend one fold, resume its own "
                               f"folder: volseg train MANIFEST --output {out}/fold_K --resume --set train.epochs=N.")
         cfg, planned = None, False
-    parent = train_folds(args.manifest, cfg, out, args.folds, only=int(only[-1]) if only else None, resume=args.resume,
+    parent = train_folds(args.manifest, cfg, out, args.folds, only=None if fold is None else int(fold), resume=args.resume,
                          device=args.device, progress=_progress(args), overrides=(args.set or []) if planned else ())
     print(f"cross-validation folder: {parent}")
     return 0
@@ -125,13 +157,7 @@ def cmd_infer(args) -> int:
     from .inference import collect_inputs, infer_many
     from .inference.batch import summary_path
 
-    overrides = {}
-    if args.overlap is not None:
-        overrides["overlap"] = args.overlap
-    if args.batch_size is not None:
-        overrides["batch_size"] = args.batch_size
-    if args.tta:
-        overrides["tta"] = True
+    overrides = _infer_overrides(args)
     jobs = collect_inputs(args.inputs, args.output)
     model = args.model[0] if len(args.model) == 1 else args.model
     failures = infer_many(jobs, model, device=args.device, overrides=overrides, probabilities=args.probabilities, progress=_progress(args))
@@ -188,7 +214,8 @@ def cmd_demo(args) -> int:
 
     summary = run_demo(args.output, device=args.device, overrides=args.set or [], progress=_progress(args),
                        cases=args.cases, test_cases=args.test_cases, shape=tuple(args.shape))
-    print("\nvolseg demo finished in {:.1f} min".format(summary["minutes"]))
+    resumed = f" ({summary['minutes_this_call']:.1f} min in this call, which continued an earlier run)" if summary["resumed"] else ""
+    print(f"\nvolseg demo finished in {summary['minutes']:.1f} min{resumed}")
     print(f"  mean foreground Dice on held-out phantoms: {summary['dice']:.3f}")
     for k in ("data", "run", "predictions", "evaluation", "report"):
         print(f"  {k:12s} {summary[k]}")
@@ -196,6 +223,24 @@ def cmd_demo(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+
+#: one example per subcommand, shown by ``volseg COMMAND --help``
+EXAMPLES = {
+    "demo": "volseg demo --output demo",
+    "model": "volseg model --config gpu_fullres --set model.variant=residual",
+    "synth": "volseg synth data/ --cases 8 --modality ct",
+    "plan": "volseg plan data/dataset.json --output ct.yaml --memory 8",
+    "train": "volseg train data/dataset.json --config ct.yaml --output runs/ct --set train.epochs=100",
+    "infer": "volseg infer scans/ --model runs/ct --output preds/ --set infer.overlap=0.25 --set infer.tta=true",
+    "evaluate": "volseg evaluate --pred preds/ --truth data/dataset.json --output runs/ct/eval",
+    "report": "volseg report runs/ct --eval-dir runs/ct/eval",
+    "export": "volseg export runs/ct --format onnx",
+}
+
+
+def _command(sub, name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002 - argparse's own keyword
+    return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {EXAMPLES[name]}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only (bars are shown only when stderr is a terminal)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("demo", help="generate phantoms, train, infer, evaluate and report (the README's first command)")
+    s = _command(sub, "demo", help="generate phantoms, train, infer, evaluate and report (the README's first command)")
     s.add_argument("--output", default="demo", help="folder for everything the demo writes (default: %(default)s)")
     s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a key of the shipped demo config (configs/demo.yaml)")
     s.add_argument("--cases", type=int, default=10, help="training phantoms (default: %(default)s)")
@@ -216,11 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     _device_arg(s)
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("model", help="print a network summary (levels, receptive field, parameters)")
+    s = _command(sub, "model", help="print a network summary (levels, receptive field, parameters)")
     _add_config_args(s)
     s.set_defaults(func=cmd_model)
 
-    s = sub.add_parser("synth", help="write synthetic CT/MRI phantoms and a Decathlon dataset.json")
+    s = _command(sub, "synth", help="write synthetic CT/MRI phantoms and a Decathlon dataset.json")
     s.add_argument("out_dir")
     s.add_argument("--cases", type=int, default=8, help="training cases (default: %(default)s)")
     s.add_argument("--test-cases", type=int, default=2, help="held-out test cases (default: %(default)s)")
@@ -230,14 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"), help="mm; default varies per case")
     s.set_defaults(func=cmd_synth)
 
-    s = sub.add_parser("plan", help="fingerprint a manifest's training cases and write a commented config YAML for them")
+    s = _command(sub, "plan", help="fingerprint a manifest's training cases and write a commented config YAML for them")
     s.add_argument("manifest")
     s.add_argument("--output", default="config.yaml", help="config to write; the fingerprint goes beside it as <stem>.fingerprint.json (default: %(default)s)")
     s.add_argument("--memory", type=float, metavar="GB", help="memory budget for a training step (default: the GPU's free memory with --device cuda, else 2 GB)")
     _device_arg(s)
     s.set_defaults(func=cmd_plan)
 
-    s = sub.add_parser("train", help="train on a Decathlon-style manifest (dataset.json)")
+    s = _command(sub, "train", help="train on a Decathlon-style manifest (dataset.json)")
     s.add_argument("manifest")
     _add_config_args(s, without="planned from the data as by volseg plan, kept in the run folder; --set overrides it")
     s.add_argument("--output", help="run folder (default: runs/<timestamp>)")
@@ -246,19 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
     _device_arg(s)
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("infer", help="segment scans with a trained run; masks come back in each scan's geometry")
+    s = _command(sub, "infer", help="segment scans with a trained run; masks come back in each scan's geometry")
     s.add_argument("inputs", nargs="+", metavar="INPUT", help="scan files, DICOM folders, folders of scans, or a manifest (its test list)")
     s.add_argument("--model", required=True, nargs="+", metavar="RUN_DIR",
                    help="run folder written by volseg train; a --folds folder or several run folders average their probabilities")
     s.add_argument("--output", help="output folder, or a file name for a single input (default: <case>_seg.nii.gz next to the input)")
     _device_arg(s)
-    s.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1)")
-    s.add_argument("--batch-size", type=int, help="windows per forward pass")
-    s.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
+    s.add_argument("--set", action="append", metavar="infer.KEY=VALUE",
+                   help="override an inference setting of the run's config, repeatable (e.g. --set infer.overlap=0.25)")
+    s.add_argument("--overlap", type=float, help="shortcut for --set infer.overlap=V: sliding-window overlap in [0, 1)")
+    s.add_argument("--batch-size", type=int, help="shortcut for --set infer.batch_size=N: windows per forward pass")
+    s.add_argument("--tta", action="store_true", help="shortcut for --set infer.tta=true: mirroring test-time augmentation")
     s.add_argument("--probabilities", action="store_true", help="also write class probabilities (<case>_prob.nii.gz: 4D uint8 with scl_slope 1/255; readers get floats in [0, 1])")
     s.set_defaults(func=cmd_infer)
 
-    s = sub.add_parser("evaluate", help="Dice, IoU, HD95, ASSD, NSD and volumes of predictions against ground truth")
+    s = _command(sub, "evaluate", help="Dice, IoU, HD95, ASSD, NSD and volumes of predictions against ground truth")
     s.add_argument("--pred", help="prediction file or folder")
     s.add_argument("--truth", help="ground-truth file, folder or manifest")
     s.add_argument("--cv", metavar="RUN_DIR", help="instead of --pred/--truth: a run's or a --folds folder's own validation predictions")
@@ -269,13 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-missing", action="store_true", help="warn instead of failing when a reference case has no prediction")
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("report", help="write a self-contained HTML summary of a run")
+    s = _command(sub, "report", help="write a self-contained HTML summary of a run")
     s.add_argument("run_dir")
     s.add_argument("--eval-dir", help="evaluation folder (default: RUN_DIR/eval)")
     s.add_argument("--output", help="HTML file (default: RUN_DIR/report.html)")
     s.set_defaults(func=cmd_report)
 
-    s = sub.add_parser("export", help="export the network for deployment (TorchScript or ONNX)")
+    s = _command(sub, "export", help="export the network for deployment (TorchScript or ONNX)")
     s.add_argument("run_dir")
     s.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
     s.add_argument("--output", help="output file (default: RUN_DIR/model.<ext>)")

@@ -49,9 +49,7 @@ def norm_act(cfg: ModelConfig, channels: int, act: bool = True) -> List[nn.Modul
         # instance norm built as group norm with one channel per group: the same arithmetic and
         # parameter names (weight, bias; old checkpoints load), but PyTorch's CPU group norm works
         # in channels_last_3d, where InstanceNorm3d copies to contiguous and back around each
-        # call; with channels-last inference windows the forward pass measured 1.5-2.0x as fast
-        # (bf16) and 1.6-1.8x (float32) as with InstanceNorm3d (benchmarks/README.md, afternoon of
-        # 2026-12-01)
+        # call (the speed-up with channels-last inference windows: benchmarks/README.md)
         layers.append(Norm[Norm.GROUP, d](channels, channels))
     elif cfg.norm == "group":
         layers.append(Norm[Norm.GROUP, d](math.gcd(cfg.groups, channels), channels))

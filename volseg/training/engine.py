@@ -22,7 +22,7 @@ Determinism: ``monai.utils.set_determinism(train.seed)`` seeds torch, numpy and 
 patch sampler and the augmentation have their own seeded streams (per epoch), so on the CPU
 the same seed, data and config give bit-identical weights (tested). On CUDA, cuDNN is asked
 for deterministic algorithms (``set_determinism``), and two runs of a small default-config
-network gave bit-identical weights with and without AMP on an H100 (torch 2.11, 2026-11-25);
+network have given bit-identical weights with and without AMP on a GPU (benchmarks/README.md);
 but ``torch.use_deterministic_algorithms`` is not enforced, so kernels that accumulate with
 atomics (e.g. some interpolation and scatter backward passes), another GPU model, driver or
 library version can change the last bits: bitwise equality is promised on the CPU only. With

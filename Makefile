@@ -41,6 +41,7 @@ test-fast: setup
 lint: setup
 	$(BIN)/lint-imports
 	$(BIN)/ruff check volseg tests benchmarks docs
+	$(BIN)/mypy
 	$(BIN)/python docs/gen_config_reference.py --check
 	$(BIN)/mkdocs build --strict --quiet -d $(VENV)/site
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ..config import ConfigError, ModelConfig
 from ..nets import build_network
@@ -66,6 +66,11 @@ def _measure_cuda(model: ModelConfig, in_channels: int, out_channels: int, patch
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
+    net: Any = None
+    opt: Any = None
+    x: Any = None
+    out: Any = None
+    loss: Any = None
     try:
         net = build_network(model, in_channels, out_channels).cuda()
         opt = torch.optim.AdamW(net.parameters())

@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -78,15 +78,14 @@ def _target_spacing(fp: dict) -> Tuple[Tuple[float, ...], Optional[int], str]:
             f"a 2-entry data.patch_size, model.pooling: null)")
 
 
-
-
 def _pooling(patch: Sequence[float], spacing: Sequence[float], base: int) -> Tuple[Tuple[int, ...], ...]:
     """Per-level pooling factors for ``patch`` (voxels) at ``spacing`` (mm). A level halves
     every axis that is still >= 8 voxels (the bottleneck keeps >= 4) and less than twice as
     coarse as the finest of those axes at that level; levels are added until the receptive
     field covers the patch along every axis or no axis may pool (nnU-Net's rules). At least one
     pooling: the builder's minimum of two levels."""
-    sizes, sp, strides = np.array(patch, float), np.array(spacing, float), []
+    sizes, sp = np.array(patch, float), np.array(spacing, float)
+    strides: List[Tuple[int, ...]] = []
     while len(strides) < MAX_LEVELS - 1:
         if strides:
             rf = receptive_field(ModelConfig(features=_features(len(strides) + 1, base), pooling=tuple(strides)))
@@ -119,17 +118,15 @@ def _candidate(median: np.ndarray, side: int, base: int, spacing: Sequence[float
     return tuple(int(v) for v in np.minimum(np.maximum(m, np.ceil(raw / m) * m), cap)), model
 
 
-
-
-
-
 def _patch_and_batch(fp: dict, spacing: Sequence[float], budget: float, device: str, n_in: int, n_out: int) -> Tuple[dict, str, str]:
     """Largest candidate patch whose step fits ``budget`` at batch 2, then the largest batch.
     Returns ({patch, model, batch, bytes}, patch comment, batch comment)."""
     base = 32 if device == "cuda" else 16
     extent = np.median(np.array(fp["shapes"]) * np.array(fp["spacings_mm"]), axis=0)
     median = extent / np.array(spacing)  # voxels at the target spacing, as make_plan computes it
-    best, smallest, tried = None, None, set()
+    best: Optional[Dict[str, Any]] = None
+    smallest: Optional[Dict[str, Any]] = None
+    tried = set()
     for side in PATCH_SIDES:
         patch, model = _candidate(median, side, base, spacing)
         if patch in tried:
@@ -142,6 +139,7 @@ def _patch_and_batch(fp: dict, spacing: Sequence[float], budget: float, device: 
             break
         best = dict(patch=patch, model=model, batch=2, bytes=need)
     if best is None:
+        assert smallest is not None  # PATCH_SIDES is not empty
         log.warning("even the smallest patch %s needs %.2f GB at batch 2, over the budget of %.2f GB; planned it anyway",
                     smallest["patch"], smallest["bytes"] / 2**30, budget / 2**30)
         return smallest, f"smallest candidate; a step at batch 2 needs {smallest['bytes'] / 2**30:.2f} GB, OVER the budget", "2, the minimum"
@@ -225,7 +223,7 @@ def plan_config(fp: dict, manifest: Manifest, memory_gb: Optional[float] = None,
     model = best["model"]
     rf = receptive_field(model)
     bottleneck = [p // m for p, m in zip(best["patch"], model.input_multiple)]
-    data = {
+    data: Dict[str, Dict[str, Any]] = {
         "model": {"variant": "unet", "spatial_dims": 3, "features": list(model.features),
                   "pooling": model.pooling and [list(st) for st in model.pooling]},
         "data": {"spacing": list(spacing), "patch_size": list(best["patch"]), "normalization": "auto", "class_ratios": ratios and list(ratios)},

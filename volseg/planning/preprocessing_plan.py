@@ -28,7 +28,8 @@ def make_plan(fp: dict, manifest: Manifest, cfg: Config) -> PreprocessingPlan:
         raise ValueError(f"the fingerprint was taken for orientation {fp['orientation']} and channel schemes {taken}, "
                          f"the config asks for {cfg.data.orientation.upper()} and {schemes}.")
     spacings = np.array(fp["spacings_mm"], float)
-    spacing = tuple(float(s) for s in (cfg.data.spacing or np.median(spacings, axis=0)))
+    sx, sy, sz = (float(s) for s in (cfg.data.spacing or np.median(spacings, axis=0)))
+    spacing = (sx, sy, sz)
     extent = np.median(np.array(fp["shapes"]) * spacings, axis=0)  # mm
     patch = _fit_patch(cfg, extent / np.array(spacing))
     norms = []

@@ -5,7 +5,8 @@ the way its training data were. Pure data; :mod:`volseg.planning` makes it and
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 from typing import Tuple
 
 __all__ = ["ChannelNorm", "PreprocessingPlan"]
@@ -52,8 +53,58 @@ class PreprocessingPlan:
 
     @classmethod
     def from_json(cls, text: str) -> PreprocessingPlan:
+        """The plan of a ``plan.json`` text, checked as strictly as a config: unknown or missing
+        keys, non-finite or non-positive numbers, duplicate labels, a patch of the wrong length
+        and the like raise ``ValueError`` naming the key and the bad value (a damaged plan
+        would otherwise give a plausible-looking wrong mask)."""
         d = json.loads(text)
+        if not isinstance(d, dict):
+            raise ValueError("not a mapping of plan keys")
+        keys = [f.name for f in fields(cls)]
+        unknown, missing = sorted(set(d) - set(keys)), [k for k in keys if k not in d]
+        if unknown or missing:
+            raise ValueError(f"unknown keys {unknown}, missing keys {missing}; a plan has {keys}")
+        norm_keys = [f.name for f in fields(ChannelNorm)]
+        for n in d["norms"]:
+            if not isinstance(n, dict) or set(n) - set(norm_keys):
+                raise ValueError(f"norms entry {str(n)[:80]} must be a mapping of {norm_keys}")
         d["norms"] = tuple(ChannelNorm(**n) for n in d["norms"])
         for k in ("spacing", "channels", "label_values", "label_names", "patch_size"):
             d[k] = tuple(d[k])
-        return cls(**d)
+        plan = cls(**d)
+        plan.check()
+        return plan
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent value."""
+        _require(len(self.spacing) == 3 and all(_finite(s) and s > 0 for s in self.spacing), "spacing", self.spacing, "3 finite mm > 0")
+        code = str(self.orientation).upper()
+        _require(len(code) == 3 and sorted(code.replace("L", "R").replace("P", "A").replace("I", "S")) == ["A", "R", "S"],
+                 "orientation", self.orientation, "a 3-letter axis code such as RAS")
+        _require(len(self.channels) >= 1 and len(self.norms) == len(self.channels), "norms", len(self.norms),
+                 f"one per channel ({len(self.channels)})")
+        for c, n in enumerate(self.norms):
+            _require(n.scheme in SCHEMES, f"norms[{c}].scheme", n.scheme, f"one of {list(SCHEMES)}")
+            _require(all(_finite(v) for v in (n.lo, n.hi, n.mean, n.std)) and n.std > 0, f"norms[{c}]", n, "finite numbers, std > 0")
+            _require(n.scheme != "ct" or n.lo < n.hi, f"norms[{c}].lo/hi", (n.lo, n.hi), "lo < hi")
+        values = list(self.label_values)
+        _require(all(isinstance(v, int) and not isinstance(v, bool) for v in values) and values == sorted(set(values)) and values[:1] == [0]
+                 and len(values) >= 2, "label_values", values, "distinct integers in increasing order, 0 (background) first, at least 2")
+        _require(len(self.label_names) == len(values), "label_names", list(self.label_names), f"one name per label value ({len(values)})")
+        _require(self.spatial_dims in (2, 3), "spatial_dims", self.spatial_dims, "2 or 3")
+        _require(len(self.patch_size) == self.spatial_dims and all(isinstance(p, int) and p > 0 for p in self.patch_size),
+                 "patch_size", list(self.patch_size), f"{self.spatial_dims} integers > 0")
+        _require(self.slice_axis in (0, 1, 2), "slice_axis", self.slice_axis, "0, 1 or 2")
+
+
+#: normalisation schemes a plan may record
+SCHEMES = ("ct", "zscore", "none")
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _require(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={str(value)[:120]} is not valid: expected {allowed}")

@@ -79,7 +79,7 @@ def read_plan(run: Path) -> PreprocessingPlan:
     try:
         return PreprocessingPlan.from_json(path.read_text(encoding="utf-8"))
     except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
-        raise RunFolderError(f"{path}: corrupt preprocessing plan ({type(exc).__name__}: {str(exc)[:120]}); "
+        raise RunFolderError(f"{path}: corrupt preprocessing plan ({type(exc).__name__}: {str(exc)[:200]}); "
                              "restore it from a backup or retrain.") from None
 
 

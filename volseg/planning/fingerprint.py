@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from ..data.manifest import Case, Manifest, is_ct_modality
 from ..preprocessing.geometry import canonical_geometry
-from ..preprocessing.intensity import channel_scheme, ct_window, hu_offset
+from ..preprocessing.intensity import channel_scheme, check_intensities, ct_window, hu_offset
 from ..preprocessing.pipeline import load_case
 
 __all__ = ["fingerprint", "channel_schemes"]
@@ -83,6 +83,7 @@ def fingerprint(manifest: Manifest, cases: Sequence[Case], orientation: str = "R
         mask = lab > 0
         for c, img in enumerate(images):
             name = manifest.modalities[c]
+            check_intensities(img, schemes[c], name, case.name)
             vals = sitk.GetArrayViewFromImage(img)[mask] + hu_offset(img, schemes[c], name, case.name)
             samples[c].append(rng.choice(vals, per_case, replace=False) if vals.size > per_case else vals)
             if case.name in norm_names:

@@ -14,7 +14,7 @@ from ..data.plan import ChannelNorm
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SOFT_TISSUE_HU", "HU_STORAGE_OFFSET", "BODY_HU", "ct_window", "hu_offset", "channel_scheme", "norm_transform", "normalise"]
+__all__ = ["SOFT_TISSUE_HU", "HU_STORAGE_OFFSET", "CT_PLAUSIBLE_HU", "MAX_MAGNITUDE", "BODY_HU", "ct_window", "check_intensities", "hu_offset", "channel_scheme", "norm_transform", "normalise"]
 
 
 #: the narrowest CT clip window (HU): the soft-tissue window (width 400, level 40)
@@ -29,6 +29,30 @@ def ct_window(p00_5: float, p99_5: float) -> Tuple[float, float]:
     that tells the structure from its surroundings in a scan from another source or contrast
     phase. A window that already spans soft tissue (organs, tumours) is unchanged."""
     return float(min(p00_5, SOFT_TISSUE_HU[0])), float(max(p99_5, SOFT_TISSUE_HU[1]))
+
+
+#: CT values beyond these (HU; after a +1024 storage offset at most) are no Hounsfield units:
+#: scanners store -1024..3071, extended scales reach some 30,000 for metal
+CT_PLAUSIBLE_HU = (-10_000.0, 100_000.0)
+#: beyond this magnitude no scanner's intensities lie, and float32 statistics overflow
+MAX_MAGNITUDE = 1e12
+
+
+def check_intensities(img: sitk.Image, scheme: str, modality: str, source: str = "input") -> None:
+    """Refuse a channel whose values cannot be a scan's: non-finite values, a magnitude beyond
+    :data:`MAX_MAGNITUDE`, or for CT normalisation values outside :data:`CT_PLAUSIBLE_HU` (a
+    wrong ``scl_slope`` or an int64 export of something else). A network would still paint a
+    plausible-looking mask on them."""
+    f = sitk.MinimumMaximumImageFilter()
+    f.Execute(img)
+    lo, hi = f.GetMinimum(), f.GetMaximum()
+    if not (np.isfinite(lo) and np.isfinite(hi)) or max(abs(lo), abs(hi)) > MAX_MAGNITUDE:
+        raise ImageReadError(f"{source}: channel {modality!r} holds {lo:g}..{hi:g}, no scan's intensities (check the header's "
+                             "scl_slope/scl_inter or rescale slope/intercept, and the data type).")
+    if scheme == "ct" and (lo < CT_PLAUSIBLE_HU[0] or hi > CT_PLAUSIBLE_HU[1] + HU_STORAGE_OFFSET):
+        raise ImageReadError(f"{source}: channel {modality!r} holds {lo:g}..{hi:g}, outside any Hounsfield scale "
+                             f"({CT_PLAUSIBLE_HU[0]:g}..{CT_PLAUSIBLE_HU[1]:g} HU); check the header's rescale slope/intercept "
+                             "(scl_slope/scl_inter) and that the file is a CT in HU.")
 
 
 #: what a CT stored without its rescale intercept holds: HU + 1024 (unsigned 0..4095 storage)

@@ -42,7 +42,7 @@ from .geometry import (
     target_grid,
     to_canonical,
 )
-from .intensity import hu_offset, normalise
+from .intensity import check_intensities, hu_offset, normalise
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ def preprocess(images: Sequence[sitk.Image], plan: PreprocessingPlan, label: Opt
     resampled = _sitk_channel(plan) if device is None else _torch_channel(images[0], plan, device)
     chans = []
     for img, norm, modality in zip(images, plan.norms, plan.channels):
+        check_intensities(img, norm.scheme, modality, source)
         offset = hu_offset(img, norm.scheme, modality, source)
         chans.append(normalise(resampled(img, offset), norm))
     if device is not None:

@@ -48,15 +48,22 @@ _API = {
     "evaluate": "volseg.evaluation",
     "evaluate_cv": "volseg.evaluation.cv",
     "EvaluationError": "volseg.evaluation",
+    "load_results": "volseg.evaluation",
+    "format_summary_table": "volseg.evaluation",
+    "worst_cases": "volseg.evaluation",
     "write_report": "volseg.evaluation",
     "train_folds": "volseg.workflows",
     "run_demo": "volseg.workflows",
 }
 
-__all__ = ["__version__", "versions", *_API]
+__all__ = ["__version__", "versions", "viz", *_API]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "viz":  # figures for notebooks: a module of functions
+        value = import_module("volseg.viz")
+        globals()[name] = value
+        return value
     module = _API.get(name)
     if module is None:
         raise AttributeError(f"module 'volseg' has no attribute {name!r}")

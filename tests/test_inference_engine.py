@@ -14,7 +14,7 @@ import torch
 from volseg.config import InferConfig
 from volseg.data.plan import ChannelNorm, PreprocessingPlan
 from volseg.inference import ModelBundle, Predictor
-from volseg.inference.windows import rolling_windows
+from volseg.inference.windows import WindowSpec, rolling_windows
 from volseg.preprocessing.geometry import canonical_geometry, canonical_view, resample_linear, to_canonical
 from volseg.preprocessing.pipeline import preprocess
 from volseg.preprocessing.restore import ScanRestorer
@@ -104,7 +104,8 @@ def test_each_window_is_computed_once():
     net = _net(3, 3)
     pred = Predictor(ModelBundle.of(net, plan), InferConfig(overlap=0.5, batch_size=1, crop="none"), "cpu")
     x = torch.randn(1, 16, 16, 40)
-    list(rolling_windows(x, lambda w: calls.append(1) or pred.net(w), (16, 16, 8), 0.5, "gaussian", 1, 3, "cpu", "cpu"))
+    spec = WindowSpec(roi=(16, 16, 8), overlap=0.5, blend="gaussian", batch_size=1, out_channels=3)
+    list(rolling_windows(x, lambda w: calls.append(1) or pred.net(w), spec=spec, device="cpu", buffer_device="cpu"))
     assert len(calls) == 9  # z starts 0, 4, ..., 32: (40 - 8) / 4 + 1
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -36,7 +36,7 @@ from ..runtime import resolve_device
 from .advice import warn_if_thin
 from .bundle import ModelBundle, load_bundle
 from .tta import WindowNet, mirror_flips
-from .windows import Box, Slab, _widen, rolling_windows, stitching_bytes, window_batch, window_size
+from .windows import Box, Slab, WindowSpec, _widen, rolling_windows, stitching_bytes, window_batch, window_size
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ __all__ = ["Predictor"]
 class Predictor:
     """Sliding-window predictor of a :class:`~volseg.inference.bundle.ModelBundle`."""
 
-    def __init__(self, bundle: ModelBundle, infer: Optional[InferConfig] = None, device: Union[str, object] = "auto", progress: bool = False):
+    def __init__(self, bundle: ModelBundle, infer: Optional[InferConfig] = None, device: Any = "auto", progress: bool = False):
         """``bundle``: the networks (one, or an ensemble trained on the same plan: each window's
         probabilities are averaged over them, and over the TTA mirrors, before blending, so the
         stitching buffers are those of one model whatever the number of members), their plan
@@ -54,13 +54,13 @@ class Predictor:
         import torch
 
         self.bundle = bundle
-        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.device: Any = resolve_device(device) if isinstance(device, str) else device
         self.models = [m.to(self.device).eval() for m in bundle.networks]
-        self.layout = None  # the window layout the networks take (None: contiguous)
+        self.layout: Any = None  # the window layout the networks take (None: contiguous)
         if bundle.owned and self.device.type == "cpu" and bundle.plan.spatial_dims == 3:
             # oneDNN's convolutions and the group/instance norms (built as GroupNorm) run without
-            # layout copies in channels_last_3d (1.3-1.65x float32, 3.3x bfloat16 forward speed,
-            # argmax equal to float rounding: benchmarks/README.md, bench_network.py). Only for
+            # layout copies in channels_last_3d (faster in float32 and bfloat16, argmax equal to
+            # float rounding: benchmarks/README.md, bench_network.py). Only for
             # networks the bundle owns (never the one training shares with its validation);
             # CUDA keeps the contiguous layout (not measured there).
             self.layout = torch.channels_last_3d
@@ -139,8 +139,10 @@ class Predictor:
             batch = window_batch(self.infer.batch_size, self.plan.out_channels, roi)
             if batch < self.infer.batch_size:
                 log.info("window batch %d -> %d: %d classes x %s voxels per window", self.infer.batch_size, batch, self.plan.out_channels, list(roi))
-            for z0, z1, parts, xy in rolling_windows(x, self.net, roi, self.infer.overlap, self.infer.blend, batch,
-                                                     self.plan.out_channels, self.device, buffer_device, None if tile else box, self.plan.binary):
+            spec = WindowSpec(roi=roi, overlap=self.infer.overlap, blend=self.infer.blend, batch_size=batch,
+                              out_channels=self.plan.out_channels, binary=self.plan.binary)
+            for z0, z1, parts, xy in rolling_windows(x, self.net, spec=spec, device=self.device, buffer_device=buffer_device,
+                                                     keep=None if tile else box):
                 yield make(z0 + off[2], z1 + off[2], parts, tuple((a + o, b + o) for (a, b), o in zip(xy, off)))
             if off[2] + x.shape[3] < shape[2]:
                 yield make(off[2] + x.shape[3], shape[2], [], ((0, 1), (0, 1)))

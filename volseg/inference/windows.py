@@ -9,13 +9,13 @@ it); :class:`Slab` is what it hands on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..data.plan import PreprocessingPlan
 
-__all__ = ["Box", "Slab", "WINDOW_BATCH_BYTES", "window_batch", "window_size", "rolling_windows", "stitching_bytes", "estimate_memory"]
+__all__ = ["Box", "Slab", "WindowSpec", "RingBuffer", "WINDOW_BATCH_BYTES", "window_batch", "window_size", "rolling_windows", "stitching_bytes", "estimate_memory"]
 
 Box = Tuple[Tuple[int, int], ...]  # half-open (start, stop) per axis of the preprocessed grid
 
@@ -45,18 +45,8 @@ def window_size(plan: PreprocessingPlan, scale: float = 1.0, shape: Optional[Seq
         roi.append(r)
     if plan.spatial_dims == 2:
         roi.insert(plan.slice_axis, 1)
-    return tuple(roi)
-
-
-def _ring(a: int, b: int, depth: int) -> List[Tuple[int, slice]]:
-    """Global z range ``[a, b)`` (b - a <= depth) as (global start, ring slice) pieces."""
-    out = []
-    while a < b:
-        r = a % depth
-        n = min(b - a, depth - r)
-        out.append((a, slice(r, r + n)))
-        a += n
-    return out
+    x, y, z = roi
+    return x, y, z
 
 
 def _scan_interval(size: Sequence[int], roi: Sequence[int], overlap: float) -> Tuple[int, ...]:
@@ -73,7 +63,7 @@ def _windows(size: Sequence[int], roi: Sequence[int], overlap: float) -> np.ndar
     from monai.data.utils import dense_patch_slices
 
     interval = _scan_interval(size, roi, overlap)
-    starts = np.array([[s[0] for s in w] for w in dense_patch_slices(list(size), list(roi), interval, return_slice=False)])
+    starts = np.array([[s[0] for s in w] for w in dense_patch_slices(list(size), list(roi), interval, return_slice=False)])  # type: ignore[index]
     return starts[np.argsort(starts[:, 2], kind="stable")]
 
 
@@ -88,8 +78,98 @@ def _kept_windows(size: Sequence[int], roi: Sequence[int], overlap: float, keep:
     return starts
 
 
-def rolling_windows(x, net, roi: Sequence[int], overlap: float, blend: str, batch_size: int, out_channels: int, device, buffer_device,
-                    keep: Optional[Box] = None, binary: bool = False) -> Iterator[Tuple[int, int, list, Box]]:
+@dataclass(frozen=True)
+class WindowSpec:
+    """How the windows are laid and blended: ``roi`` (voxels, x y z), ``overlap`` in [0, 1),
+    ``blend`` (MONAI's importance map: ``gaussian`` or ``constant``), ``batch_size`` windows
+    per network call, ``out_channels`` K, ``binary``: one sigmoid channel (its background is 0,
+    not a class 0 of probability 1)."""
+
+    roi: Tuple[int, int, int]
+    overlap: float = 0.5
+    blend: str = "gaussian"
+    batch_size: int = 4
+    out_channels: int = 1
+    binary: bool = False
+
+
+class RingBuffer:
+    """Weighted sums of window probabilities ``(K, x, y, depth)`` float32 and their weight sum
+    ``(x, y, depth)``, over the x/y range ``[lo, hi)`` of the padded volume and a ring of
+    ``depth`` (the window's z size) along z: padded slice g lives at ring slice ``g % depth``.
+    Windows are :meth:`add` ed in z order; once no later window reaches below z, the slices
+    there are final and :meth:`emit` normalises them and hands out views; :meth:`clear` frees
+    them for the next windows."""
+
+    def __init__(self, spec: WindowSpec, lo: Sequence[int], hi: Sequence[int], weight, device):
+        import torch
+
+        self.spec, self.lo, self.depth = spec, list(lo), spec.roi[2]
+        self.weight = weight.to(device)
+        shape = (hi[0] - lo[0], hi[1] - lo[1], self.depth)
+        self.acc = torch.zeros((spec.out_channels, *shape), device=device)
+        self.wsum = torch.zeros(shape, device=device)
+
+    def pieces(self, a: int, b: int) -> List[Tuple[int, slice]]:
+        """Padded z range ``[a, b)`` (at most ``depth`` long) as (first slice, ring slice) pieces."""
+        out = []
+        while a < b:
+            r = a % self.depth
+            n = min(b - a, self.depth - r)
+            out.append((a, slice(r, r + n)))
+            a += n
+        return out
+
+    def add(self, start: Sequence[int], probs) -> None:
+        """A window at padded corner ``start`` (x, y, z): ``probs`` ``(K, *roi)``, already
+        multiplied by the importance map."""
+        sx, sy, z = (int(v) for v in start)
+        at = (slice(sx - self.lo[0], sx - self.lo[0] + self.spec.roi[0]), slice(sy - self.lo[1], sy - self.lo[1] + self.spec.roi[1]))
+        for g, r in self.pieces(z, z + self.depth):
+            src = slice(g - z, g - z + r.stop - r.start)
+            self.acc[(slice(None),) + at + (r,)] += probs[..., src]
+            self.wsum[at + (r,)] += self.weight[..., src]
+
+    def emit(self, a: int, b: int, lo: int, hi: int, view: tuple) -> list:
+        """Normalise padded slices ``[a, b)`` and return views (through ``view``, the x/y part
+        inside the volume) of their part in ``[lo, hi)``; voxels no window covered become
+        background."""
+        pieces = self.pieces(a, b)
+        for _, r in pieces:
+            empty = self.wsum[..., r] == 0
+            self.acc[..., r] /= self.wsum[..., r].clamp_min(1e-20)
+            if not self.spec.binary and bool(empty.any()):
+                self.acc[0, ..., r][empty] = 1.0
+        parts = []
+        for g, r in pieces:
+            s, e = max(g, lo), min(g + r.stop - r.start, hi)
+            if s < e:
+                parts.append(self.acc[view + (slice(r.start + s - g, r.start + e - g),)])
+        return parts
+
+    def clear(self, a: int, b: int) -> None:
+        for _, r in self.pieces(a, b):
+            self.acc[..., r] = 0
+            self.wsum[..., r] = 0
+
+
+def _pad(x, roi: Sequence[int]):
+    """``x`` padded to at least one window per axis, with repeated edge voxels, not zeros
+    (MONAI's default): after normalisation 0 is a tissue (CT: the foreground's mean HU), so a
+    scan thinner than the window (a 20-slice series) would sit between two slabs of it that no
+    training patch showed; training pads alike (data.transforms.cached_transforms). Returns the
+    padded volume and the padding before each axis."""
+    import torch.nn.functional as F
+
+    size = list(x.shape[1:])
+    before = [max(r - n, 0) // 2 for r, n in zip(roi, size)]
+    pad = [max(r - n, 0) for r, n in zip(roi, size)]
+    if any(pad):
+        x = F.pad(x, [v for i in (2, 1, 0) for v in (before[i], pad[i] - before[i])], mode="replicate")
+    return x, before
+
+
+def rolling_windows(x, net, *, spec: WindowSpec, device, buffer_device, keep: Optional[Box] = None) -> Iterator[Tuple[int, int, list, Box]]:
     """Sliding-window inference over ``x`` ``(C, X, Y, Z)`` that yields the result slab by slab.
 
     Yields ``(z0, z1, parts, xy)``: ``parts`` are views ``(K, x1 - x0, y1 - y0, d)`` of the
@@ -97,93 +177,61 @@ def rolling_windows(x, net, roi: Sequence[int], overlap: float, blend: str, batc
     ``[z0, z1)`` in order (no parts: all background); they are overwritten once the generator
     resumes, so copy what must be kept. Equals ``sliding_window_inference(x[None], roi,
     batch_size, net, overlap, blend, padding_mode="replicate")`` (window placement, padding of a
-    volume smaller than ``roi``, importance map, weighted mean) up to float rounding, but each window is computed
-    once and the float32 buffer is ``(K, x, y, roi_z)`` plus its weight sum: MONAI's
-    ``buffer_steps`` also computes each window once but still allocates the whole
-    ``(K, X, Y, Z)`` float32 output, which is what breaks memory at 100+ classes.
+    volume smaller than ``roi``, importance map, weighted mean) up to float rounding, but each
+    window is computed once and the float32 buffer is a :class:`RingBuffer` ``(K, x, y, roi_z)``
+    plus its weight sum: MONAI's ``buffer_steps`` also computes each window once but still
+    allocates the whole ``(K, X, Y, Z)`` float32 output, which is what breaks memory at 100+
+    classes.
 
-    ``keep``: a box (voxel ranges of ``x``); windows that miss it are skipped. Every voxel
-    inside the box keeps all its windows, so the result there is unchanged; voxels no window
-    covers are background (class 0 probability 1; a binary plan's foreground 0).
+    ``net``: ``(B, C, *roi)`` windows -> ``(B, K, *roi)`` probabilities on ``device``; the
+    buffer lives on ``buffer_device``. ``keep``: a box (voxel ranges of ``x``); windows that
+    miss it are skipped. Every voxel inside the box keeps all its windows, so the result there
+    is unchanged; voxels no window covers are background (class 0 probability 1; a binary
+    plan's foreground 0).
     """
     import torch
-    import torch.nn.functional as F
     from monai.data.utils import compute_importance_map
 
-    size = list(x.shape[1:])
-    before = [max(r - n, 0) // 2 for r, n in zip(roi, size)]
-    pad = [max(r - n, 0) for r, n in zip(roi, size)]
-    if any(pad):
-        # edge voxels repeated, not zeros (MONAI's default): after normalisation 0 is a tissue
-        # (CT: the foreground's mean HU), so a scan thinner than the window (a 20-slice series)
-        # would sit between two slabs of it that no training patch showed; training pads alike
-        # (data.transforms.cached_transforms)
-        x = F.pad(x, [v for i in (2, 1, 0) for v in (before[i], pad[i] - before[i])], mode="replicate")
-    keep_p = None if keep is None else [(a + b, c + b) for (a, c), b in zip(keep, before)]
-    starts = _kept_windows(x.shape[1:], roi, overlap, keep_p)
-    Z, depth = x.shape[3], roi[2]
+    roi, size = spec.roi, list(x.shape[1:])
+    x, before = _pad(x, roi)
+    starts = _kept_windows(x.shape[1:], roi, spec.overlap, None if keep is None else tuple((a + b, c + b) for (a, c), b in zip(keep, before)))
     if not len(starts):
         yield 0, size[2], [], ((0, size[0]), (0, size[1]))
         return
-    # the ring covers the kept windows' x/y extent only
+    # the ring covers the kept windows' x/y extent only; the slabs, what of it lies in the volume
     lo = [int(starts[:, a].min()) for a in (0, 1)]
     hi = [int(starts[:, a].max()) + roi[a] for a in (0, 1)]
-    weight = compute_importance_map(tuple(roi), mode=blend, device=device)
-    weight_buf = weight.to(buffer_device)
-    acc = torch.zeros((out_channels, hi[0] - lo[0], hi[1] - lo[1], depth), device=buffer_device)
-    wsum = torch.zeros((hi[0] - lo[0], hi[1] - lo[1], depth), device=buffer_device)
-    # what lies in the original volume: padded [lo, hi) ∩ [before, before + size)
     inner = [(max(lo[a], before[a]), min(hi[a], before[a] + size[a])) for a in (0, 1)]
     xy = tuple((a - before[i], b - before[i]) for i, (a, b) in enumerate(inner))
     view = (slice(None),) + tuple(slice(a - lo[i], b - lo[i]) for i, (a, b) in enumerate(inner))
+    weight = compute_importance_map(tuple(roi), mode=spec.blend, device=device)
+    ring = RingBuffer(spec, lo, hi, weight, buffer_device)
+    z_in = (before[2], before[2] + size[2])  # the volume's slices on the padded z axis
 
-    def clip(a, b):  # padded z range -> original, or None
-        a, b = max(a, before[2]), min(b, before[2] + size[2])
-        return (a - before[2], b - before[2]) if a < b else None
+    def background(a: int, b: int):  # padded slices no window reaches, inside the volume
+        a, b = max(a, z_in[0]), min(b, z_in[1])
+        return [(a - z_in[0], b - z_in[0], [], xy)] if a < b else []
 
     rows = sorted(set(starts[:, 2].tolist()))
-    if rows[0] > 0 and clip(0, rows[0]):
-        yield (*clip(0, rows[0]), [], xy)
+    yield from background(0, rows[0])
     for j, z in enumerate(rows):
         row = starts[starts[:, 2] == z]
-        for b in range(0, len(row), batch_size):
-            chunk = row[b : b + batch_size]
-            win = torch.stack([x[:, sx : sx + roi[0], sy : sy + roi[1], z : z + depth] for sx, sy, _ in chunk]).to(device)
+        for b in range(0, len(row), spec.batch_size):
+            chunk = row[b : b + spec.batch_size]
+            win = torch.stack([x[:, sx : sx + roi[0], sy : sy + roi[1], z : z + roi[2]] for sx, sy, _ in chunk]).to(device)
             probs = net(win).mul_(weight).to(buffer_device)
-            for (sx, sy, _), p in zip(chunk, probs):
-                at = (slice(sx - lo[0], sx - lo[0] + roi[0]), slice(sy - lo[1], sy - lo[1] + roi[1]))
-                for g, r in _ring(z, z + depth, depth):
-                    src = slice(g - z, g - z + r.stop - r.start)
-                    acc[(slice(None),) + at + (r,)] += p[..., src]
-                    wsum[at + (r,)] += weight_buf[..., src]
+            for start, p in zip(chunk, probs):
+                ring.add(start, p)
             del win, probs
-        nxt = rows[j + 1] if j + 1 < len(rows) else Z
-        yield from _emit(acc, wsum, z, min(nxt, z + depth), depth, before[2], before[2] + size[2], view, xy, binary)
-        if nxt > z + depth and clip(z + depth, nxt):  # skipped rows: nothing computed there
-            yield (*clip(z + depth, nxt), [], xy)
-
-
-def _emit(acc, wsum, a: int, b: int, depth: int, zoff: int, zmax: int, view, xy, binary: bool):
-    """Normalise the ring slices of padded z range ``[a, b)``, yield the part inside the volume
-    (padded ``[zoff, zmax)``) as original z, then clear them for the next windows. Voxels
-    without a window become background."""
-    pieces = _ring(a, b, depth)
-    for _, r in pieces:
-        empty = wsum[..., r] == 0
-        acc[..., r] /= wsum[..., r].clamp_min(1e-20)
-        if not binary and bool(empty.any()):
-            acc[0, ..., r][empty] = 1.0
-    lo, hi = max(a, zoff), min(b, zmax)
-    if lo < hi:
-        parts = []
-        for g, r in pieces:
-            s, e = max(g, lo), min(g + r.stop - r.start, hi)
-            if s < e:
-                parts.append(acc[view + (slice(r.start + s - g, r.start + e - g),)])
-        yield lo - zoff, hi - zoff, parts, xy
-    for _, r in pieces:
-        acc[..., r] = 0
-        wsum[..., r] = 0
+        # below the next row's start no later window reaches: those slices are final
+        nxt = rows[j + 1] if j + 1 < len(rows) else x.shape[3]
+        done = min(nxt, z + roi[2])
+        a, b = max(z, z_in[0]), min(done, z_in[1])
+        parts = ring.emit(z, done, a, b, view)
+        if a < b:
+            yield a - z_in[0], b - z_in[0], parts, xy
+        ring.clear(z, done)
+        yield from background(z + roi[2], nxt)  # skipped rows: nothing computed there
 
 
 @dataclass
@@ -207,7 +255,7 @@ class Slab:
         import torch
 
         bg = float(c == 0 and not self.binary)
-        device = self.parts[0].device if self.parts else self.device
+        device: Any = self.parts[0].device if self.parts else self.device
         inner = torch.cat([p[c] for p in self.parts], -1) if self.parts else None
         (x0, x1), (y0, y1) = self.xy
         if inner is not None and self.keep is None and (x0, x1, y0, y1) == (0, self.shape[0], 0, self.shape[1]):

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -17,7 +17,7 @@ def to_canonical(img: sitk.Image, orientation: str) -> sitk.Image:
     return sitk.DICOMOrient(img, orientation.upper())
 
 
-def target_grid(img: sitk.Image, spacing: Sequence[float]) -> Tuple[List[int], Tuple[float, ...], Tuple[float, ...]]:
+def target_grid(img: Union[sitk.Image, Grid], spacing: Sequence[float]) -> Tuple[List[int], Tuple[float, ...], Tuple[float, ...]]:
     """(size, origin, spacing) of ``img`` resampled to ``spacing``: the image's own grid when
     the spacing already matches within 0.1%, else a grid of the same physical extent."""
     old_sp = np.array(img.GetSpacing())
@@ -53,8 +53,8 @@ def antialias_sigma(old: Sequence[float], new: Sequence[float]) -> np.ndarray:
     """Gaussian sigma (mm, per axis) to smooth with before resampling from spacing ``old`` to
     ``new``: about half the spacing increase on axes downsampled by more than 1.5x, 0 elsewhere.
     The SimpleITK and the torch (GPU) paths both use it, so they smooth alike."""
-    old, new = np.asarray(old, float), np.asarray(new, float)
-    return np.where(new / old > 1.5, (new - old) / 2, 0.0)
+    o, n = np.asarray(old, float), np.asarray(new, float)
+    return np.where(n / o > 1.5, (n - o) / 2, 0.0)
 
 
 def array_xyz(img: sitk.Image) -> np.ndarray:
@@ -86,9 +86,9 @@ class Grid:
     ``origin`` and ``spacing`` (mm), ``direction`` (3x3, row-major). It answers the getters
     :func:`target_grid` uses, so no pixel copy is needed to plan a grid."""
 
-    size: Tuple[int, int, int]
-    origin: Tuple[float, float, float]
-    spacing: Tuple[float, float, float]
+    size: Tuple[int, ...]
+    origin: Tuple[float, ...]
+    spacing: Tuple[float, ...]
     direction: Tuple[float, ...]
 
     def GetSize(self):  # noqa: N802 - SimpleITK's getter names
@@ -160,7 +160,7 @@ def resample_linear(t, coords: Sequence[Optional[np.ndarray]]):
     import torch
 
     lead = t.ndim - len(coords)
-    order = sorted((i for i, u in enumerate(coords) if u is not None), key=lambda i: len(coords[i]) / t.shape[lead + i])
+    order = sorted((i for i, u in enumerate(coords) if u is not None), key=lambda i: len(coords[i]) / t.shape[lead + i])  # type: ignore[arg-type]
     for i in order:
         dim, n = lead + i, t.shape[lead + i]
         u = np.clip(np.asarray(coords[i], np.float64), 0, n - 1)

@@ -3,6 +3,8 @@ the scan's own grid."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -37,9 +39,10 @@ class ScanRestorer:
         shape = tuple(reference.GetSize())[::-1]
         self._labels = np.zeros(shape, self._values.dtype)
         self._label_view = canonical_view(self._labels, perm, sign)
-        self.probabilities = np.zeros((plan.out_channels,) + shape, np.uint8) if probabilities else None
-        self._prob_view = canonical_view(self.probabilities, perm, sign) if probabilities else None
-        self._z, self._next, self._carry = 0, 0, None
+        self.probabilities: Optional[np.ndarray] = np.zeros((plan.out_channels,) + shape, np.uint8) if probabilities else None
+        self._prob_view = canonical_view(self.probabilities, perm, sign) if self.probabilities is not None else None
+        self._z, self._next = 0, 0
+        self._carry: Optional[list] = None
 
     def add(self, z0: int, z1: int, channel) -> None:
         import torch
@@ -68,6 +71,7 @@ class ScanRestorer:
             if self._prob_view is not None:
                 self._prob_view[c, ..., k0:k1] = (q.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         if k1 > k0:
+            assert index is not None  # class 0's probabilities are never skipped
             self._label_view[..., k0:k1] = self._values[index.cpu().numpy()]
         self._z, self._next, self._carry = z1, k1, carry
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 
@@ -106,6 +106,36 @@ class _Anatomy:
     rib_phase: float
 
 
+def _draw_kidneys(rng: np.random.Generator, j: Callable[[float], float]) -> Tuple[List[_Ellipsoid], List[_Ellipsoid], List[_Fourier]]:
+    """Both kidneys (right first), their hila and their warps; ``j(s)`` draws from [-s, s]."""
+    kidney_scale = rng.uniform(0.9, 1.1)
+    kidneys, hila, kidney_warps = [], [], []
+    for side in (-1, 1):  # -1: patient right (LPS -x), beside the liver
+        semi = np.array([0.14, 0.17, 0.32]) * kidney_scale * rng.uniform(0.93, 1.07, size=3)
+        # upper pole tilted towards the spine, hilum turned forward
+        rot = _rotation(1, side * rng.uniform(8, 20)) @ _rotation(2, -side * rng.uniform(10, 25))
+        centre = np.array([side * 0.38 + j(0.03), 0.18 + j(0.03), -0.25 + j(0.06)])
+        kidneys.append(_Ellipsoid(centre, semi, rot))
+        hilum = centre + rot @ np.array([-side * 0.95 * semi[0], -0.3 * semi[1], 0.0])
+        hila.append(_Ellipsoid(hilum, np.full(3, 0.5 * semi[0]), np.eye(3)))
+        kidney_warps.append(_Fourier(rng, 5, 1.5, 0.02))
+    return kidneys, hila, kidney_warps
+
+
+def _draw_lesion(rng: np.random.Generator, right_lobe: _Ellipsoid, left_lobe: _Ellipsoid, liver_warp: _Fourier,
+                 kidneys: Sequence[_Ellipsoid]) -> _Ellipsoid:
+    """The lesion: it sits well inside the liver, away from the kidney."""
+    for _ in range(200):
+        radius = rng.uniform(0.13, 0.17)
+        centre = right_lobe.centre + rng.uniform(-0.5, 0.5, size=3) * right_lobe.semi
+        p = liver_warp.warp(centre[:, None])
+        inside = float(np.minimum(right_lobe.r2(p), left_lobe.r2(p))[0]) < 0.45
+        clear = min(float(k.r2(centre[:, None])[0]) for k in kidneys) > 1.8
+        if inside and clear:
+            break
+    return _Ellipsoid(centre, radius * rng.uniform(0.85, 1.15, size=3), _rot3(rng, (90, 90, 90)))
+
+
 def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
     """Random anatomy parameters in normalised coordinates (1 = half the field of view)."""
     j = lambda s: rng.uniform(-s, s)  # noqa: E731
@@ -125,28 +155,8 @@ def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
     )
     liver_warp = _Fourier(rng, 6, 0.8, 0.05)
 
-    kidney_scale = rng.uniform(0.9, 1.1)
-    kidneys, hila, kidney_warps = [], [], []
-    for side in (-1, 1):  # -1: patient right (LPS -x), beside the liver
-        semi = np.array([0.14, 0.17, 0.32]) * kidney_scale * rng.uniform(0.93, 1.07, size=3)
-        # upper pole tilted towards the spine, hilum turned forward
-        rot = _rotation(1, side * rng.uniform(8, 20)) @ _rotation(2, -side * rng.uniform(10, 25))
-        centre = np.array([side * 0.38 + j(0.03), 0.18 + j(0.03), -0.25 + j(0.06)])
-        kidneys.append(_Ellipsoid(centre, semi, rot))
-        hilum = centre + rot @ np.array([-side * 0.95 * semi[0], -0.3 * semi[1], 0.0])
-        hila.append(_Ellipsoid(hilum, np.full(3, 0.5 * semi[0]), np.eye(3)))
-        kidney_warps.append(_Fourier(rng, 5, 1.5, 0.02))
-
-    # the lesion sits well inside the liver, away from the kidney
-    for _ in range(200):
-        radius = rng.uniform(0.13, 0.17)
-        centre = right_lobe.centre + rng.uniform(-0.5, 0.5, size=3) * right_lobe.semi
-        p = liver_warp.warp(centre[:, None])
-        inside = float(np.minimum(right_lobe.r2(p), left_lobe.r2(p))[0]) < 0.45
-        clear = min(float(k.r2(centre[:, None])[0]) for k in kidneys) > 1.8
-        if inside and clear:
-            break
-    lesion = _Ellipsoid(centre, radius * rng.uniform(0.85, 1.15, size=3), _rot3(rng, (90, 90, 90)))
+    kidneys, hila, kidney_warps = _draw_kidneys(rng, j)
+    lesion = _draw_lesion(rng, right_lobe, left_lobe, liver_warp, kidneys)
 
     return _Anatomy(
         body_warp=_Fourier(rng, 5, 0.5, 0.03),
@@ -223,8 +233,16 @@ def _paint(u: np.ndarray, a: _Anatomy) -> Tuple[np.ndarray, np.ndarray]:
     tissue[lesion] = _T.LESION
     label[lesion] = 3
 
-    # bone, only outside the organs: spine (vertebral bodies and discs, canal, arch) and ribs
-    free = body & (label == 0)
+    _paint_bone(tissue, q, body & (label == 0), inner, cax, cay, a)
+    return tissue, label
+
+
+def _paint_bone(tissue: np.ndarray, q: np.ndarray, free: np.ndarray, inner: np.ndarray, cax: np.ndarray, cay: np.ndarray,
+                a: _Anatomy) -> None:
+    """Bone into ``tissue`` where ``free`` (inside the body, outside the organs): the spine
+    (vertebral bodies and discs, canal, arch) and the ribs round the cavity (semi-axes ``cax``,
+    ``cay``); ``q`` are the body-warped coordinates, ``inner`` the inside of the fat layer."""
+    x, y = q[0], q[1]
     sx, sy, ssx, ssy = a.spine
     vb = ((x - sx) / ssx) ** 2 + ((y - sy) / ssy) ** 2
     disc = np.mod((q[2] - a.disc_phase) / a.disc_period, 1.0) < 0.2
@@ -242,4 +260,3 @@ def _paint(u: np.ndarray, a: _Anatomy) -> Tuple[np.ndarray, np.ndarray]:
     anterior = (y < -0.2) & (np.abs(x) < 0.35)
     ribs = free & (np.abs(rho - 1.0) < 0.04) & rib_level & ~anterior & (q[2] > -0.4)
     tissue[ribs] = _T.BONE_CORTEX
-    return tissue, label

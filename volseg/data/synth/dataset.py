@@ -66,7 +66,20 @@ def make_dataset(
             write_image(img, out / rel[key])
         entries[split].append(rel)
         log.debug("wrote %s: size %s, spacing %s", name, image.GetSize(), image.GetSpacing())
-    manifest = {
+    manifest = _manifest(modality, cases, test_cases, int(seed), shape3, spacing3, entries)
+    path = write_text(out / "dataset.json", json.dumps(manifest, indent=2) + "\n")
+    log.info(
+        "wrote %d training and %d test synthetic %s cases to %s in %.1f s",
+        cases, test_cases, MODALITIES[modality], out, time.perf_counter() - t0,
+    )
+    return path
+
+
+def _manifest(modality: str, cases: int, test_cases: int, seed: int, shape3: Sequence[int], spacing3: Optional[Sequence[float]],
+              entries: Dict[str, List[Dict[str, str]]]) -> dict:
+    """The ``dataset.json`` record of a synthetic dataset: Decathlon's keys and a ``synth``
+    entry with the generator version and the arguments that made it."""
+    return {
         "name": f"VolsegSynth{MODALITIES[modality]}",
         "description": (
             f"Synthetic abdominal {MODALITIES[modality]} phantoms (liver, kidneys, liver lesion; "
@@ -84,14 +97,8 @@ def make_dataset(
         "test": entries["Ts"],
         "synth": {
             "generator_version": _GENERATOR_VERSION,
-            "seed": int(seed),
+            "seed": seed,
             "shape": list(shape3),
             "spacing": list(spacing3) if spacing3 is not None else None,
         },
     }
-    path = write_text(out / "dataset.json", json.dumps(manifest, indent=2) + "\n")
-    log.info(
-        "wrote %d training and %d test synthetic %s cases to %s in %.1f s",
-        cases, test_cases, MODALITIES[modality], out, time.perf_counter() - t0,
-    )
-    return path

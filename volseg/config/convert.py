@@ -101,7 +101,6 @@ def to_dict(cfg: Any) -> dict:
     return conv(cfg)
 
 
-
 def replace(cfg: Config, **sections: dict) -> Config:
     """Return ``cfg`` with keys of the named sections replaced, re-validated."""
     data = to_dict(cfg)

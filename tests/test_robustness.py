@@ -422,11 +422,11 @@ def test_big_endian_nifti_reads_the_same_values(tmp_path):
 
 
 def test_an_output_folder_without_write_permission_fails_once_up_front(tiny_run, tmp_path, capsys, monkeypatch):
-    import volseg.inference.batch as batch
+    import volseg.inference.inputs as inputs
 
     # the tests run as root, for whom chmod 0o500 does not stop writes: fake what os.access says
     real = os.access
-    monkeypatch.setattr(batch.os, "access", lambda p, mode: False if Path(p) == tmp_path / "ro" else real(p, mode))
+    monkeypatch.setattr(inputs.os, "access", lambda p, mode: False if Path(p) == tmp_path / "ro" else real(p, mode))
     (tmp_path / "ro").mkdir()
     scan = _scan(tmp_path)
     assert main(["-q", "infer", str(scan), "--model", str(tiny_run), "--output", str(tmp_path / "ro" / "preds")]) == 2

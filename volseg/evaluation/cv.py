@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..runfolder import read_plan, runs_of, validation_pairs
-from .metrics import EvaluationResult, evaluate_pairs
+from .files import evaluate_pairs
+from .metrics import EvaluationResult
 
 __all__ = ["evaluate_cv"]
 

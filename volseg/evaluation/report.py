@@ -16,7 +16,8 @@ from typing import List, Optional, Union
 
 from .. import viz
 from ..data.io import atomic_write
-from .metrics import METRICS, VOLUMES, EvaluationError, EvaluationResult, load_results, worst_cases
+from .files import load_results
+from .metrics import METRICS, VOLUMES, EvaluationError, EvaluationResult, worst_cases
 
 log = logging.getLogger(__name__)
 

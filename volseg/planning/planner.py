@@ -260,7 +260,7 @@ def render_plan(cfg: Config, comments: Comments, source: str) -> str:
     lines = [
         f"# Planned by `volseg plan` from {source}.",
         "# Each value says why it was chosen; edit freely. Keys not listed take their defaults",
-        "# (volseg/config.py); unknown keys are errors. The fingerprint is in the JSON beside this file.",
+        "# (volseg/config/sections.py); unknown keys are errors. The fingerprint is in the JSON beside this file.",
     ]
     for section in ("model", "data", "augment", "train", "infer"):
         keys = [k for s, k in comments if s == section]

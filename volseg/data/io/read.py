@@ -1,114 +1,19 @@
-"""Reading and writing scans.
-
-Every reader returns SimpleITK images (origin, spacing, direction in LPS world coordinates,
-arrays indexed ``[z, y, x]``). SimpleITK reads NRRD, MHA/MHD and DICOM series folders. NIfTI
-headers are read with nibabel, because ITK's NIfTI reader (5.4) silently fills a truncated file
-with zeros or stale memory, turns NaN voxels into 0 and may take the geometry from the qform
-where nibabel and most viewers take the sform; see :func:`_read_nifti` for who reads the voxels.
-
-Rules applied to every scan (training, inference and evaluation all read through here):
-
-- **Geometry** of a NIfTI file follows nibabel's rule: the sform when its code is > 0, else the
-  qform, else pixdim. A sheared affine (not spacing x rotation) is refused. Zero or non-finite
-  spacing (pixdim or affine) is refused, in every format.
-- **Truncated files** (fewer voxel bytes than the header declares) are refused naming the file.
-- **NaN/Inf voxels**: an image holding any non-finite voxel is refused, with the NaN and Inf
-  counts. volseg does not replace them: any stand-in value (0, the minimum) would be a guess that
-  turns into a plausible-looking mask; replace them yourself with a value that fits the scan.
-- **Label maps** (:func:`read_label`) must hold integer values only.
-- **DICOM folders** holding several series: the series with the most slices is read (a
-  localizer or scout has few); the choice and the other series are logged.
-- **4D files**: a 4th axis of length 1 is squeezed; longer 4th axes are channels
-  (:func:`read_channels`, e.g. the Medical Segmentation Decathlon's multi-modal tasks).
-
-Writes are atomic: the file is written under its final name inside a hidden temporary folder
-(``.volseg-tmp-XXXX/``) in the target folder, then ``os.replace`` moves it into place, so a crash
-never leaves a half-written file under a final name, and a temporary file never looks like an
-input scan. Temporary folders older than an hour (left by a killed process) are removed, with a
-log line, the next time volseg writes to that folder.
-NIfTI label maps written for a NIfTI input copy that input's header with nibabel, so the affine,
-qform/sform codes and the file's axis order come back exactly as they were.
-"""
+"""Reading scans and label maps (NIfTI through nibabel's header, everything else through
+SimpleITK), with the checks of :mod:`volseg.data.io`'s rules; comparing two grids."""
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-import shutil
-import tempfile
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional, Set, Union
+from typing import List, Optional
 
 import numpy as np
 import SimpleITK as sitk
 
+from .base import ImageReadError, PathLike, is_nifti_path, itk_error_text
+
 log = logging.getLogger(__name__)
-
-PathLike = Union[str, Path]
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-TEMP_PREFIX = ".volseg-tmp-"
-STALE_TEMP_S = 3600.0  # a temporary folder older than this was left by a killed process
-
-__all__ = [
-    "ImageReadError",
-    "read_image",
-    "read_header",
-    "read_channels",
-    "read_label",
-    "write_image",
-    "write_label_like",
-    "case_name",
-    "is_image_path",
-    "is_nifti_path",
-    "atomic_write",
-    "same_geometry",
-    "write_text",
-    "save_torch",
-    "nifti_affine",
-    "itk_error_text",
-]
-
-
-class ImageReadError(ValueError):
-    """A scan cannot be read or is not what was expected; the message names the file."""
-
-
-def case_name(path: PathLike) -> str:
-    """``/a/b/case_01.nii.gz`` -> ``case_01``; a DICOM folder -> the folder's name."""
-    p = Path(path)
-    name = p.name
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def is_image_path(path: PathLike) -> bool:
-    return any(str(path).lower().endswith(s) for s in IMAGE_SUFFIXES)
-
-
-def is_nifti_path(path: PathLike) -> bool:
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
-
-
-def itk_error_text(exc: BaseException) -> str:
-    """The cause in an ITK/SimpleITK error: the lines after the source location
-    (``.../itkFoo.hxx:214:``), without ITK's ``ITK ERROR: Filter(0x...):`` prefix."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    located = [i for i, line in enumerate(lines) if re.search(r"\.(?:hxx|cxx|txx|h|cpp):\d+:?$", line)]
-    cause = lines[located[-1] + 1 :] if located and located[-1] + 1 < len(lines) else lines[-1:]
-    text = " ".join(cause)
-    text = re.sub(r"^(?:sitk::ERROR|ITK ERROR|itk::ERROR):\s*", "", text)
-    text = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", text)
-    return text or type(exc).__name__
-
-
-# ---------------------------------------------------------------------------------------------
-# reading
 
 
 def _read_dicom_folder(folder: Path) -> sitk.Image:
@@ -243,7 +148,7 @@ def _read_sitk(path: Path) -> List[sitk.Image]:
 
 
 def _check(img: sitk.Image, path: Path) -> None:
-    """Refuse zero/non-finite spacing and non-finite voxels (see the module docstring)."""
+    """Refuse zero/non-finite spacing and non-finite voxels (see the :mod:`volseg.data.io` docstring)."""
     spacing = np.array(img.GetSpacing())
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise ImageReadError(f"{path}: voxel spacing {spacing.tolist()} mm; every spacing must be finite and > 0.")
@@ -262,7 +167,7 @@ def read_channels(path: PathLike, pixel_type: Optional[int] = None) -> List[sitk
     """Read a scan as a list of 3D channel images: one for a 3D file or DICOM series folder,
     one per entry of the 4th axis of a 4D file (a singleton 4th axis gives one). All channels of
     a file share its grid. ``pixel_type`` casts, e.g. ``sitk.sitkFloat32``. Raises
-    :class:`ImageReadError` naming the file for everything the module docstring refuses."""
+    :class:`ImageReadError` naming the file for everything the :mod:`volseg.data.io` docstring refuses."""
     p = Path(path)
     if not p.exists():
         raise ImageReadError(f"{p}: no such file or folder.")
@@ -327,109 +232,3 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> Optional[s
     if not np.allclose(a.GetDirection(), b.GetDirection(), atol=tol):
         return f"direction {tuple(round(d, 3) for d in a.GetDirection())} vs {tuple(round(d, 3) for d in b.GetDirection())}"
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# writing
-
-_swept: Set[Path] = set()  # folders already cleaned of stale temporary folders by this process
-
-
-def _remove_stale_temps(folder: Path) -> None:
-    """Remove ``.volseg-tmp-*`` folders older than :data:`STALE_TEMP_S` (a killed writer's)."""
-    if folder in _swept:
-        return
-    _swept.add(folder)
-    now = time.time()
-    for p in folder.glob(TEMP_PREFIX + "*"):
-        try:
-            age = now - p.stat().st_mtime
-        except OSError:
-            continue
-        if p.is_dir() and age > STALE_TEMP_S:
-            shutil.rmtree(p, ignore_errors=True)
-            log.info("removed %s, a temporary folder left %.1f h ago by an interrupted volseg run", p, age / 3600)
-
-
-@contextmanager
-def atomic_write(final: PathLike) -> Iterator[Path]:
-    """Yield a temporary path for ``final``: a file of the same name inside a new hidden folder
-    ``.volseg-tmp-XXXX/`` next to it (same name, so writers pick the right format from the
-    suffix; hidden folder, so it is never taken for an input). When the block succeeds the file
-    is renamed onto ``final``; the folder is removed either way."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(final.parent.resolve())
-    folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=final.parent))
-    try:
-        tmp = folder / final.name
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def write_image(img: sitk.Image, path: PathLike, compress: bool = True) -> Path:
-    """Write ``img`` atomically to ``path`` (format from the suffix)."""
-    with atomic_write(path) as tmp:
-        sitk.WriteImage(img, str(tmp), compress)
-    return Path(path)
-
-
-def write_label_like(labels: np.ndarray, reference: PathLike, ref_img: sitk.Image, path: PathLike) -> Path:
-    """Write a label map (array ``[z, y, x]`` on ``ref_img``'s grid) to ``path``.
-
-    When both the reference and the output are NIfTI, the reference header is copied with
-    nibabel (affine, qform/sform and their codes, axis order), so the mask carries the geometry
-    :func:`read_image` used (nibabel's rule); otherwise SimpleITK copies ``ref_img``'s geometry.
-    The dtype is kept (callers pass uint8 when the labels fit).
-    """
-    path = Path(path)
-    ref = Path(reference)
-    if not (is_nifti_path(path) and is_nifti_path(ref) and ref.is_file()):
-        img = sitk.GetImageFromArray(labels)
-        img.CopyInformation(ref_img)
-        return write_image(img, path)
-    import nibabel as nib
-
-    src = nib.load(str(ref))
-    arr = np.ascontiguousarray(labels.transpose(2, 1, 0))  # sitk [z,y,x] -> nibabel [x,y,z]
-    header = src.header.copy()
-    header.set_data_dtype(arr.dtype)
-    header["scl_slope"] = 1.0
-    header["scl_inter"] = 0.0
-    if len(src.shape) != 3:
-        header.set_data_shape(arr.shape)
-    # affine=None keeps the header's qform/sform fields and codes byte for byte (an affine
-    # would be re-encoded, and a 180-degree quaternion may come back with the opposite sign)
-    out = nib.Nifti1Image(arr, None, header)
-    with atomic_write(path) as tmp:
-        nib.save(out, str(tmp))
-    return path
-
-
-def write_text(path: PathLike, text: str) -> Path:
-    """Write a small text file atomically (see :func:`atomic_write`)."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
-def save_torch(obj: object, path: PathLike) -> Path:
-    """``torch.save`` atomically. (ignite's ``Checkpoint`` deletes a same-named file *before*
-    writing its replacement, so a crash there loses ``last.pt``; a rename never does.)"""
-    import torch
-
-    with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
-    return Path(path)
-
-
-def nifti_affine(img: sitk.Image) -> np.ndarray:
-    """The NIfTI (RAS) 4x4 affine of a SimpleITK image (LPS), for arrays indexed ``[x, y, z]``."""
-    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
-    d = np.array(img.GetDirection()).reshape(3, 3)
-    aff = np.eye(4)
-    aff[:3, :3] = lps_to_ras @ d @ np.diag(img.GetSpacing())
-    aff[:3, 3] = lps_to_ras @ np.array(img.GetOrigin())
-    return aff

@@ -1,0 +1,93 @@
+"""Batch inputs: CLI inputs (files, DICOM folders, folders of scans, manifests) resolved to jobs,
+their output paths checked up front, and where the batch's summary goes."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+from ..data.io import ImageReadError, case_name, is_image_path
+from ..data.manifest import load_manifest
+
+__all__ = ["Job", "collect_inputs", "check_outputs", "summary_path", "SUMMARY_NAME"]
+
+SUMMARY_NAME = "infer_summary.json"
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    images: Tuple[Path, ...]  # one per channel
+    output: Path
+
+
+def _is_dicom_dir(p: Path) -> bool:
+    import SimpleITK as sitk
+
+    return p.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p)))
+
+
+def collect_inputs(inputs: Sequence[Union[str, Path]], output: Optional[Union[str, Path]] = None) -> List[Job]:
+    """Turn CLI inputs (files, DICOM folders, folders of scans, manifests) into jobs.
+
+    Output: ``<case>_seg.nii.gz`` next to each input, in the folder ``output``, or, for a
+    single input, ``output`` itself when it ends in an image suffix. In a folder, hidden names
+    (``.*``, e.g. volseg's own ``.volseg-tmp-*`` folders) and earlier outputs (``*_seg``,
+    ``*_prob``) are skipped.
+    """
+    found: List[Tuple[str, Tuple[Path, ...]]] = []
+    for raw in inputs:
+        p = Path(raw)
+        if not p.exists():
+            raise ImageReadError(f"{p}: no such file or folder.")
+        if p.suffix == ".json":
+            man = load_manifest(p)
+            if not man.test:
+                raise ImageReadError(f"{p}: manifest has no 'test' cases to segment.")
+            found += [(c.name, c.images) for c in man.test]
+        elif p.is_dir() and not _is_dicom_dir(p):
+            entries = [q for q in p.iterdir() if not q.name.startswith(".")]
+            scans = sorted(q for q in entries if is_image_path(q) and not case_name(q).endswith(("_seg", "_prob")))
+            scans += sorted(q for q in entries if q.is_dir() and _is_dicom_dir(q))
+            if not scans:
+                raise ImageReadError(f"{p}: folder holds no scans (.nii, .nii.gz, .nrrd, .mha, .mhd or DICOM series).")
+            found += [(case_name(q), (q,)) for q in scans]
+        else:
+            found.append((case_name(p), (p,)))
+    single_file = output is not None and len(found) == 1 and is_image_path(output)
+    jobs = []
+    for name, images in found:
+        if single_file:
+            out = Path(output)
+        elif output is not None:
+            out = Path(output) / f"{name}_seg.nii.gz"
+        else:
+            out = images[0].parent / f"{name}_seg.nii.gz"
+        jobs.append(Job(name, tuple(images), out))
+    outs = [j.output for j in jobs]
+    dup = sorted({str(o) for o in outs if outs.count(o) > 1})
+    if dup:
+        raise ImageReadError(f"several inputs would write the same output {dup}; give them distinct names or separate --output folders.")
+    return jobs
+
+
+def check_outputs(jobs: Sequence[Job]) -> None:
+    """Raise ``NotADirectoryError``/``PermissionError`` (one line naming the folder) when an
+    output folder can never be written: a file stands where it or a parent folder should be,
+    or its nearest existing folder is not writable."""
+    for folder in sorted({j.output.parent for j in jobs} | ({summary_path(jobs).parent} if jobs else set())):
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise NotADirectoryError(f"output {folder}: {existing} is a file, not a folder; give --output a folder (or a file name for a single input).")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"output {folder}: folder {existing} is not writable; choose another --output.")
+
+
+def summary_path(jobs: Sequence[Job]) -> Path:
+    """``infer_summary.json`` in the folder that holds every output (the ``--output`` folder, or
+    the folder of a single output file)."""
+    return Path(os.path.commonpath([str(j.output.parent.absolute()) for j in jobs])) / SUMMARY_NAME

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ...config import check_choice
+from ...config import ConfigError, check_choice
 from .anatomy import _draw_anatomy, _paint
 from .geometry import _MIN_SIZE, ORIENTATIONS, Shape3, Spacing3, _anatomy_coords, _draw_geometry
 from .render import _render, _to_image
@@ -39,7 +39,7 @@ def _check_shape(shape: Sequence[int]) -> Shape3:
     except (TypeError, ValueError):
         ok = False
     if not ok or min(out) < _MIN_SIZE:
-        raise ValueError(f"shape={shape!r} must be 3 integers >= {_MIN_SIZE} (voxels along x, y, z).")
+        raise ConfigError(f"shape={shape!r} must be 3 integers >= {_MIN_SIZE} (voxels along x, y, z).")
     return out  # type: ignore[return-value]
 
 
@@ -52,7 +52,7 @@ def _check_spacing(spacing: Optional[Sequence[float]]) -> Optional[Spacing3]:
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ValueError(f"spacing={spacing!r} must be None or 3 positive numbers (mm along x, y, z).")
+        raise ConfigError(f"spacing={spacing!r} must be None or 3 positive numbers (mm along x, y, z).")
     return out  # type: ignore[return-value]
 
 
@@ -62,7 +62,7 @@ def _as_generator(rng: SeedLike) -> np.random.Generator:
     try:
         return np.random.default_rng(rng)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"rng={rng!r} must be a numpy Generator, a non-negative int or a sequence of them ({exc}).") from None
+        raise ConfigError(f"rng={rng!r} must be a numpy Generator, a non-negative int or a sequence of them ({exc}).") from None
 
 
 # smallest share of the grid each organ must cover; anatomy is redrawn otherwise

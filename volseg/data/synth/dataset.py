@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from ...config import ConfigError
 from ...version import __version__
 from ..io import write_image, write_text
 from .cases import LABELS, MODALITIES, _check_modality, _check_shape, _check_spacing, make_case
@@ -46,7 +47,7 @@ def make_dataset(
     spacing3 = _check_spacing(spacing)
     for name, value, low in (("cases", cases, 1), ("test_cases", test_cases, 0), ("seed", seed, 0)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name}={value!r} must be an integer >= {low}.")
+            raise ConfigError(f"{name}={value!r} must be an integer >= {low}.")
     out = Path(out_dir)
     t0 = time.perf_counter()
     entries: Dict[str, List[Dict[str, str]]] = {"Tr": [], "Ts": []}

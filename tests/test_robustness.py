@@ -408,7 +408,7 @@ def test_an_unwritable_output_fails_its_scan_and_the_batch_goes_on(tiny_run, tmp
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     failed = [ln for ln in err.splitlines() if ln.startswith("FAILED ")]
-    assert len(failed) == 1 and failed[0].startswith(f"FAILED a: cannot write {tmp_path / 'out' / 'a_seg.nii.gz'}:"), err
+    assert len(failed) == 1 and failed[0].startswith(f"FAILED a: {tmp_path / 'out' / 'a_seg.nii.gz'}: is a folder"), err
     assert "1/2 scan(s) segmented" in out
     assert read_image(tmp_path / "out" / "b_seg.nii.gz").GetSize() == read_image(scans / "b.nii.gz").GetSize()
     assert not list((tmp_path / "out").glob(TEMP_PREFIX + "*"))

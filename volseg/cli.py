@@ -335,13 +335,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s", stream=sys.stderr)
     logging.getLogger("ignite").setLevel(logging.WARNING)
     from .config import ConfigError
-    from .data.io import ImageReadError
+    from .data.io import ImageReadError, UnsafeOutputError
     from .data.manifest import ManifestError
     from .evaluation import EvaluationError
 
     try:
         return args.func(args)
-    except (ConfigError, ManifestError, ImageReadError, EvaluationError, OSError) as exc:
+    except (ConfigError, ManifestError, ImageReadError, UnsafeOutputError, EvaluationError, OSError) as exc:
         # OSError: missing files, permissions, a file where a folder should be, a full disk;
         # its message names the path
         if args.verbose:

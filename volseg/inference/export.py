@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..config import ConfigError, check_choice
-from ..data.io import atomic_write, write_text
+from ..data.io import atomic_write, refuse_unsafe_outputs, write_text
 from .predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,13 @@ def export(run_dir: Union[str, Path], fmt: str = "torchscript", output: Optional
     import torch
 
     check_choice("format", fmt, ("torchscript", "onnx"))
+    out = Path(output) if output else Path(run_dir) / ("model.ts.pt" if fmt == "torchscript" else "model.onnx")
+    meta_path = out.with_name(out.name.split(".")[0] + ".json")
+    run_files = [p for p in Path(run_dir).rglob("*") if p.is_file() and not p.name.startswith("model.")]  # the run is the input
+    refuse_unsafe_outputs([out, meta_path], run_files)
     pred = Predictor.from_run(run_dir, device="cpu")
     if len(pred.models) > 1:  # a cross-validation folder: one file would hold only fold 0
         raise ConfigError(f"{run_dir} is an ensemble of {len(pred.models)} runs; export one of its fold folders (e.g. {run_dir}/fold_0).")
-    out = Path(output) if output else Path(run_dir) / ("model.ts.pt" if fmt == "torchscript" else "model.onnx")
     net = _wrapped(pred)
     example = torch.randn(1, len(pred.plan.channels), *pred.plan.patch_size)
     with atomic_write(out) as tmp:
@@ -72,6 +75,6 @@ def export(run_dir: Union[str, Path], fmt: str = "torchscript", output: Optional
         "preprocessing": asdict(pred.plan),
         "model": pred.run_info,
     }
-    write_text(out.with_name(out.name.split(".")[0] + ".json"), json.dumps(meta, indent=2))
+    write_text(meta_path, json.dumps(meta, indent=2))
     log.info("exported %s to %s", fmt, out)
     return out

@@ -3,13 +3,16 @@ their output paths checked up front, and where the batch's summary goes."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
-from ..data.io import ImageReadError, case_name, is_image_path
+from ..data.io import ImageReadError, case_name, check_input, is_image_path, refuse_unsafe_outputs
 from ..data.manifest import load_manifest
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Job", "collect_inputs", "check_outputs", "summary_path", "SUMMARY_NAME"]
 
@@ -22,11 +25,32 @@ class Job:
     images: Tuple[Path, ...]  # one per channel
     output: Path
 
+    @property
+    def probabilities(self) -> Path:
+        """Where ``--probabilities`` writes (``<case>_prob.nii.gz`` beside the mask)."""
+        return self.output.with_name(self.output.name.replace("_seg", "_prob"))
+
+    @property
+    def sidecar(self) -> Path:
+        """The mask's JSON sidecar: its name with ``.json`` for the image suffix."""
+        name = self.output.name
+        for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+            if name.endswith(suffix):
+                return self.output.with_name(name[: -len(suffix)] + ".json")
+        return self.output.with_name(name + ".json")
+
 
 def _is_dicom_dir(p: Path) -> bool:
     import SimpleITK as sitk
 
-    return p.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p)))
+    if not p.is_dir():
+        return False
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's "No Series were found" is an answer here, not a warning
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def collect_inputs(inputs: Sequence[Union[str, Path]], output: Optional[Union[str, Path]] = None) -> List[Job]:
@@ -49,13 +73,16 @@ def collect_inputs(inputs: Sequence[Union[str, Path]], output: Optional[Union[st
             found += [(c.name, c.images) for c in man.test]
         elif p.is_dir() and not _is_dicom_dir(p):
             entries = [q for q in p.iterdir() if not q.name.startswith(".")]
-            scans = sorted(q for q in entries if is_image_path(q) and not case_name(q).endswith(("_seg", "_prob")))
+            named = [q for q in entries if is_image_path(q) and not case_name(q).endswith(("_seg", "_prob"))]
+            scans = sorted(q for q in named if q.is_file() or q.is_dir())  # stat only: opening a FIFO blocks
+            for q in sorted(set(named) - set(scans)):
+                log.warning("%s: skipped, not a regular file (a FIFO, socket, device node or broken link).", q)
             scans += sorted(q for q in entries if q.is_dir() and _is_dicom_dir(q))
             if not scans:
                 raise ImageReadError(f"{p}: folder holds no scans (.nii, .nii.gz, .nrrd, .mha, .mhd or DICOM series).")
             found += [(case_name(q), (q,)) for q in scans]
         else:
-            found.append((case_name(p), (p,)))
+            found.append((case_name(p), (check_input(p),)))
     single_file = output is not None and len(found) == 1 and is_image_path(output)
     jobs = []
     for name, images in found:
@@ -76,7 +103,12 @@ def collect_inputs(inputs: Sequence[Union[str, Path]], output: Optional[Union[st
 def check_outputs(jobs: Sequence[Job]) -> None:
     """Raise ``NotADirectoryError``/``PermissionError`` (one line naming the folder) when an
     output folder can never be written: a file stands where it or a parent folder should be,
-    or its nearest existing folder is not writable."""
+    or its nearest existing folder is not writable; :class:`~volseg.data.io.UnsafeOutputError`
+    when an output (mask, probabilities, sidecar) would replace an input of the batch or anything
+    but a regular file."""
+    names = [name for j in jobs for name in (j.output, j.probabilities, j.sidecar)]
+    # a folder under an output name fails that scan alone when it is written (the batch goes on)
+    refuse_unsafe_outputs([n for n in names if not n.is_dir() or n.is_symlink()], [img for j in jobs for img in j.images])
     for folder in sorted({j.output.parent for j in jobs} | ({summary_path(jobs).parent} if jobs else set())):
         existing = folder
         while not existing.exists() and existing != existing.parent:

@@ -34,7 +34,7 @@ def _segment(pred, job: Job, loaded: dict, probabilities: bool, clock) -> dict:
     write_label_like(out["labels"], job.images[0], images[0], job.output)
     prob_path = None
     if probabilities:
-        prob_path = _write_probabilities(out["probabilities"], images[0], job.output.with_name(job.output.name.replace("_seg", "_prob")))
+        prob_path = _write_probabilities(out["probabilities"], images[0], job.probabilities)
     read_s = loaded["read"][1] - loaded["read"][0]  # reading and preprocessing
     timing = {**{k: round(v, 3) for k, v in out["timing"].items()}, "read_s": round(read_s, 3), "wait_s": round(loaded["wait_s"], 3), "total_s": round(time.perf_counter() - t0 + read_s, 3)}
     sidecar = {
@@ -47,7 +47,7 @@ def _segment(pred, job: Job, loaded: dict, probabilities: bool, clock) -> dict:
         "versions": versions(),
         "timing_s": timing,
     }
-    write_text(_sidecar(job.output), json.dumps(sidecar, indent=2))
+    write_text(job.sidecar, json.dumps(sidecar, indent=2))
     log.info("%s -> %s (%.1fs)", job.name, job.output, timing["total_s"])
     return {"timing_s": timing, "timeline_s": {"read": loaded["read"], "segment": [start, clock()]}}
 
@@ -63,14 +63,6 @@ def _write_probabilities(arr: np.ndarray, reference, path: Path) -> Path:
     with atomic_write(path) as tmp:
         nib.save(out, str(tmp))
     return path
-
-
-def _sidecar(output: Path) -> Path:
-    name = output.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-        if name.endswith(suffix):
-            return output.with_name(name[: -len(suffix)] + ".json")
-    return output.with_name(name + ".json")
 
 
 def _error_line(exc: BaseException) -> str:

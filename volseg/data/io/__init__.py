@@ -29,18 +29,29 @@ log line, the next time volseg writes to that folder.
 NIfTI label maps written for a NIfTI input copy that input's header with nibabel, so the affine,
 qform/sform codes and the file's axis order come back exactly as they were.
 
-The modules: :mod:`.base` (file names, :class:`ImageReadError`), :mod:`.read` (the readers and
-their checks) and :mod:`.write` (the atomic writers). Every name is importable from here.
+- **Paths** (:mod:`.paths`): inputs are regular files or folders (a FIFO or device node is
+  refused before it is opened); a MetaImage/NRRD header's detached data files must be regular
+  files in the header's folder or below it; an output replaces only a missing name or a regular
+  file that is not an input of the same command.
+
+The modules: :mod:`.base` (file names, :class:`ImageReadError`), :mod:`.paths` (what may be read
+and replaced), :mod:`.read` (the readers and their checks) and :mod:`.write` (the atomic
+writers). Every name is importable from here.
 """
 
 from __future__ import annotations
 
 from .base import IMAGE_SUFFIXES, NIFTI_SUFFIXES, ImageReadError, PathLike, case_name, is_image_path, is_nifti_path, itk_error_text
+from .paths import UnsafeOutputError, check_input, detached_data_files, refuse_unsafe_outputs
 from .read import read_channels, read_header, read_image, read_label, same_geometry
 from .write import STALE_TEMP_S, TEMP_PREFIX, atomic_write, nifti_affine, save_torch, write_image, write_label_like, write_text
 
 __all__ = [
     "ImageReadError",
+    "UnsafeOutputError",
+    "check_input",
+    "detached_data_files",
+    "refuse_unsafe_outputs",
     "read_image",
     "read_header",
     "read_channels",

@@ -12,6 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .base import ImageReadError, PathLike, is_nifti_path, itk_error_text
+from .paths import check_input, detached_data_files
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +169,8 @@ def read_channels(path: PathLike, pixel_type: Optional[int] = None) -> List[sitk
     one per entry of the 4th axis of a 4D file (a singleton 4th axis gives one). All channels of
     a file share its grid. ``pixel_type`` casts, e.g. ``sitk.sitkFloat32``. Raises
     :class:`ImageReadError` naming the file for everything the :mod:`volseg.data.io` docstring refuses."""
-    p = Path(path)
-    if not p.exists():
-        raise ImageReadError(f"{p}: no such file or folder.")
+    p = check_input(path)
+    detached_data_files(p)  # a MetaImage/NRRD header's data files: regular files beside it
     images = _read_nifti(p) if (p.is_file() and is_nifti_path(p)) else _read_sitk(p)
     for img in images:
         _check(img, p)
@@ -184,9 +184,10 @@ def read_header(path: PathLike):
     ``GetNumberOfComponents``, ...: no voxel data is read); a DICOM series folder is read in
     full (SimpleITK has no header-only path for a series, and its slice spacing comes from the
     slices' positions)."""
-    path = Path(path)
+    path = check_input(path)
     if path.is_dir():
         return read_image(path)
+    detached_data_files(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()

@@ -15,6 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .base import PathLike, is_nifti_path
+from .paths import refuse_unsafe_outputs
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,11 @@ def atomic_write(final: PathLike) -> Iterator[Path]:
     """Yield a temporary path for ``final``: a file of the same name inside a new hidden folder
     ``.volseg-tmp-XXXX/`` next to it (same name, so writers pick the right format from the
     suffix; hidden folder, so it is never taken for an input). When the block succeeds the file
-    is renamed onto ``final``; the folder is removed either way."""
+    is renamed onto ``final``; the folder is removed either way. ``final`` must be a missing
+    name or a regular file (:func:`~volseg.data.io.paths.refuse_unsafe_outputs`): a rename onto a
+    device node or a symlink replaces it."""
     final = Path(final)
+    refuse_unsafe_outputs([final])
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(final.parent.resolve())
     folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=final.parent))

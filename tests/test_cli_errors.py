@@ -53,3 +53,33 @@ def test_a_user_mistake_is_one_line_and_exit_status_2(args, names, tiny_dataset,
     assert "Traceback" not in err, err
     assert lines and names in lines[-1] and lines[-1].startswith("volseg"), lines[-3:]
     assert len(lines[-1]) < 600, lines[-1]
+
+
+def _bomb(levels: int = 9) -> str:
+    """A YAML alias bomb: each level lists the previous one 9 times (9**levels leaves)."""
+    lines = ['l0: &l0 ["xxxxxxxx", "xxxxxxxx", "xxxxxxxx", "xxxxxxxx", "xxxxxxxx", "xxxxxxxx", "xxxxxxxx", "xxxxxxxx", "xxxxxxxx"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nmodel:\n  features: [{', '.join([f'*l{levels - 1}'] * 9)}]\n"
+
+
+# hostile files: (file name, its text, arguments with {file}, what the last line must name)
+HOSTILE = [
+    ("bomb.yaml", _bomb(), ["model", "--config", "{file}"], "aliases"),
+    ("small_bomb.yaml", "model:\n  norm: [&a [xxxxxxxx, xxxxxxxx, xxxxxxxx, xxxxxxxx, xxxxxxxx, xxxxxxxx, xxxxxxxx, xxxxxxxx, xxxxxxxx], "
+     + ", ".join(f"&{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcd", "bcde")) + "]\n", ["model", "--config", "{file}"], "model.norm"),
+    ("deep.yaml", "model:\n  features: " + "[" * 5000 + "]" * 5000 + "\n", ["model", "--config", "{file}"], "nested"),
+    ("long.yaml", "model:\n  norm: " + "x" * 500_000 + "\n", ["model", "--config", "{file}"], "model.norm"),
+    ("deep.json", '{"training": ' + "[" * 100_000 + "]" * 100_000 + "}", ["plan", "{file}"], "nested"),
+]
+
+
+@pytest.mark.parametrize("name,text,args,names", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_a_hostile_config_or_manifest_is_one_short_line(name, text, args, names, tmp_path, capsys):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    rc = main([a.format(file=path) for a in args])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and "Traceback" not in err, err[-2000:]
+    assert lines and names in lines[-1] and str(path.name) in lines[-1], lines[-1][:2000]
+    assert len(err) < 1000, len(err)  # a short excerpt of the bad value, never the value itself

@@ -13,7 +13,7 @@ files, ``--set`` overrides, shipped configs). Every name is importable from here
 
 from __future__ import annotations
 
-from .checks import ConfigError, check_choice
+from .checks import ConfigError, check_choice, excerpt
 from .convert import from_dict, replace, to_dict
 from .loading import apply_overrides, find_config, load_config, shipped_configs
 from .sections import ACTS, NORMS, VARIANTS, AugmentConfig, Config, DataConfig, InferConfig, ModelConfig, TrainConfig
@@ -33,6 +33,7 @@ __all__ = [
     "to_dict",
     "apply_overrides",
     "check_choice",
+    "excerpt",
     "replace",
     "VARIANTS",
     "NORMS",

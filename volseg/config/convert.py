@@ -8,7 +8,7 @@ import math
 import typing
 from typing import Any, Optional, Tuple, Union
 
-from .checks import ConfigError
+from .checks import ConfigError, excerpt
 from .sections import Config
 
 
@@ -24,21 +24,21 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}={value!r} must be a list.")
+            raise ConfigError(f"{name}={excerpt(value)} must be a list.")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{name}={list(value)!r} must have {len(args)} entries.")
+            raise ConfigError(f"{name}={excerpt(value)} must have {len(args)} entries.")
         return tuple(_coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{name}={value!r} must be true or false.")
+        raise ConfigError(f"{name}={excerpt(value)} must be true or false.")
     if tp is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise ConfigError(f"{name}={value!r} must be an integer.")
+            raise ConfigError(f"{name}={excerpt(value)} must be an integer.")
         return int(value)
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
@@ -47,13 +47,13 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}={value!r} must be a number.")
+            raise ConfigError(f"{name}={excerpt(value)} must be a number.")
         if not math.isfinite(value):  # YAML reads .nan/.inf, and "nan"/"inf" strings parse above
-            raise ConfigError(f"{name}={value!r} must be a finite number.")
+            raise ConfigError(f"{name}={excerpt(value)} must be a finite number.")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{name}={value!r} must be a string.")
+            raise ConfigError(f"{name}={excerpt(value)} must be a string.")
         return value
     raise TypeError(f"unsupported config type {tp!r} for {name}")  # pragma: no cover
 

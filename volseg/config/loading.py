@@ -10,12 +10,42 @@ from typing import TYPE_CHECKING, Dict, Sequence, Union
 
 import yaml
 
-from .checks import ConfigError, check_choice
+from .checks import ConfigError, check_choice, excerpt
 from .convert import from_dict
 from .sections import Config
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
+
+
+MAX_YAML_BYTES = 1 << 20  # a config is a page of keys; 1 MiB is far beyond any real one
+MAX_YAML_DEPTH = 20  # sections, keys, lists of lists: a real config nests 3 deep
+MAX_YAML_ALIASES = 50  # each alias may double what a document expands to (the "billion laughs")
+
+
+def parse_yaml(text: str, where: str) -> object:
+    """``yaml.safe_load(text)`` after bounding what it may build: its size, its nesting and its
+    aliases are counted on PyYAML's event stream (a state machine: no recursion, nothing built)
+    before the document is composed, so an alias bomb or a config nested thousands deep is
+    refused in one line naming ``where`` instead of exhausting memory or the stack."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where}: {len(text)} characters of YAML; a config is at most {MAX_YAML_BYTES}.")
+    depth = aliases = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise ConfigError(f"{where}: YAML nested more than {MAX_YAML_DEPTH} levels deep (line {event.start_mark.line + 1}); a config nests 3.")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+            elif isinstance(event, yaml.AliasEvent):
+                aliases += 1
+                if aliases > MAX_YAML_ALIASES:
+                    raise ConfigError(f"{where}: more than {MAX_YAML_ALIASES} YAML aliases (*name); write the values out instead.")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {str(exc)[:300]}") from None
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
@@ -25,17 +55,14 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     sections = [f.name for f in dataclasses.fields(Config)]
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=10.")
+            raise ConfigError(f"override {excerpt(item)} must look like section.key=value, e.g. train.epochs=10.")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         if len(parts) != 2:
-            raise ConfigError(f"override key {key!r} must be section.key with a section in {sections}.")
+            raise ConfigError(f"override key {excerpt(key)} must be section.key with a section in {sections}.")
         section, name = parts
         check_choice("config section", section, sections)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: cannot parse value {raw!r}: {exc}") from None
+        value = parse_yaml(raw, f"override {excerpt(key.strip())}")
         data.setdefault(section, {})
         if not isinstance(data[section], dict):
             data[section] = {}
@@ -80,11 +107,10 @@ def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = 
     if path is not None:
         p = find_config(path)
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); save it as UTF-8.") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+        data = parse_yaml(text, f"config file {str(p)!r}") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(p)!r} must contain a mapping of sections.")
     data = apply_overrides(data, overrides)

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-from .checks import ConfigError, _positive, _prob, check_choice
+from .checks import ConfigError, _positive, _prob, check_choice, excerpt
 
 VARIANTS = ("unet", "residual", "attention", "dense", "nested")
 NORMS = ("none", "batch", "instance", "group")
@@ -142,7 +142,7 @@ class DataConfig:
             for s in self.spacing:
                 _positive("data.spacing entry", s)
         if len(self.orientation) != 3 or sorted(self.orientation.upper().replace("L", "R").replace("P", "A").replace("I", "S")) != ["A", "R", "S"]:
-            raise ConfigError(f"data.orientation={self.orientation!r} must be a 3-letter axis code such as 'RAS' or 'LPS'.")
+            raise ConfigError(f"data.orientation={excerpt(self.orientation)} must be a 3-letter axis code such as 'RAS' or 'LPS'.")
         check_choice("data.normalization", self.normalization, ("auto", "ct", "zscore", "none"))
         check_choice("data.slice_axis", self.slice_axis, (0, 1, 2))
         check_choice("data.cache", self.cache, ("memory", "disk", "none"))

@@ -103,6 +103,8 @@ def load_manifest(path: Union[str, Path]) -> Manifest:
         raise ManifestError(f"manifest {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); save it as UTF-8 JSON.") from None
     except json.JSONDecodeError as exc:
         raise ManifestError(f"manifest {path}: not valid JSON ({exc}).") from None
+    except RecursionError:
+        raise ManifestError(f"manifest {path}: JSON nested thousands of levels deep; a dataset.json nests 3.") from None
     problems: List[str] = []
     for key in ("modality", "labels", "training"):
         if key not in raw:

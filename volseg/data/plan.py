@@ -57,7 +57,10 @@ class PreprocessingPlan:
         keys, non-finite or non-positive numbers, duplicate labels, a patch of the wrong length
         and the like raise ``ValueError`` naming the key and the bad value (a damaged plan
         would otherwise give a plausible-looking wrong mask)."""
-        d = json.loads(text)
+        try:
+            d = json.loads(text)
+        except RecursionError:
+            raise ValueError("JSON nested thousands of levels deep; a plan nests 2") from None
         if not isinstance(d, dict):
             raise ValueError("not a mapping of plan keys")
         keys = [f.name for f in fields(cls)]

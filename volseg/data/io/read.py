@@ -12,23 +12,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from .base import ImageReadError, PathLike, is_nifti_path, itk_error_text
+from .dicom import read_dicom_folder
 from .paths import check_input, detached_data_files
 
 log = logging.getLogger(__name__)
-
-
-def _read_dicom_folder(folder: Path) -> sitk.Image:
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise ImageReadError(f"{folder}: folder holds no DICOM series (and no single image file).")
-    files = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series}
-    chosen = max(series, key=lambda uid: len(files[uid]))  # ties: the first series GDCM lists
-    if len(series) > 1:
-        others = ", ".join(f"{uid} ({len(files[uid])} slices)" for uid in series if uid != chosen)
-        log.warning("%s holds %d DICOM series; reading %s (%d slices, the most); not read: %s.", folder, len(series), chosen, len(files[chosen]), others)
-    reader.SetFileNames(files[chosen])
-    return reader.Execute()
 
 
 def _lps_grid(affine: np.ndarray, path: Path):
@@ -135,7 +122,7 @@ def _read_nifti(path: Path) -> List[sitk.Image]:
 def _read_sitk(path: Path) -> List[sitk.Image]:
     """Any other format (or a DICOM folder) as 3D images (one per entry of a 4th axis)."""
     try:
-        img = _read_dicom_folder(path) if path.is_dir() else sitk.ReadImage(str(path))
+        img = read_dicom_folder(path) if path.is_dir() else sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise ImageReadError(f"{path}: cannot read image ({itk_error_text(exc)}).") from None
     if img.GetNumberOfComponentsPerPixel() != 1:

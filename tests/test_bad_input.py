@@ -37,3 +37,36 @@ def test_absurd_intensities_are_refused(kind, tiny_run, tmp_path, capsys):
     assert "odd.nii.gz" in err and ("Hounsfield" in err or "no scan's intensities" in err), err[-1500:]
     assert not (out / "odd_seg.nii.gz").exists()
     assert _sha(scan) == before
+
+
+def _manifest_variant(tiny_dataset, tmp_path, kind):
+    import json
+    import os
+
+    data = json.loads(tiny_dataset.read_text(encoding="utf-8"))
+    root = tiny_dataset.parent
+    for e in data["training"]:  # absolute paths: the manifest moves to tmp_path
+        e["image"], e["label"] = str(root / e["image"]), str(root / e["label"])
+    if kind == "300 labels":
+        data["labels"] = {str(i): f"c{i}" for i in range(300)}
+    elif kind == "negative label":
+        data["labels"]["-1"] = "odd"
+    elif kind == "same file in validation":
+        data["validation"] = [dict(data["training"][1])]
+    elif kind == "hard link in validation":
+        link = tmp_path / "copy_of_case1.nii.gz"
+        os.link(data["training"][1]["image"], link)
+        data["validation"] = [{"image": str(link), "label": data["training"][1]["label"]}]
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("kind,words", [("300 labels", "at most 256"), ("negative label", "outside 0..65535"),
+                                        ("same file in validation", "is training case"), ("hard link in validation", "is training case")])
+def test_a_manifest_the_model_cannot_honestly_train_on_is_refused(kind, words, tiny_dataset, tmp_path, capsys):
+    manifest = _manifest_variant(tiny_dataset, tmp_path, kind)
+    rc = main(["train", str(manifest), "--output", str(tmp_path / "run"), "--set", "train.epochs=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and words in err, err[-1500:]
+    assert not (tmp_path / "run" / "last.pt").exists()

@@ -24,6 +24,8 @@ BAD = [
     (["train", "{data}", "--resume", "--output", "{out}/run", "--set", "model.norm=batch"], "--resume"),
     (["train", "{data}", "--folds", "1", "--output", "{out}/cv"], "--folds 1"),
     (["train", "{data}", "--device", "tpu"], "tpu"),
+    (["train", "{data}", "--set", "data.spacing=[1e-6,1e-6,1e-6]", "--output", "{out}/run"], "data.spacing"),
+    (["train", "{data}", "--set", "data.spacing=[100,100,100]", "--output", "{out}/run"], "data.spacing"),
     (["infer", "{scan}", "--model", "{out}/run", "--set", "infer.nosuchkey=1"], "nosuchkey"),
     (["infer", "{scan}", "--model", "{out}/run", "--set", "infer.overlap=2"], "infer.overlap"),
     (["infer", "{scan}", "--model", "{out}/run", "--set", "train.epochs=3"], "train.epochs"),

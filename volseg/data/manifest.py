@@ -25,6 +25,9 @@ from .io import ImageReadError, case_name, itk_error_text, read_header, read_lab
 
 log = logging.getLogger(__name__)
 
+MAX_CLASSES = 256  # class indices are uint8 everywhere (training labels, stitched masks)
+MAX_LABEL_VALUE = 65535  # masks are written as uint16 when a value exceeds 255
+
 __all__ = ["Case", "Manifest", "CT_WORDS", "is_ct_modality", "ManifestError", "load_manifest", "check_case_count", "validate_cases", "split_cases"]
 
 
@@ -90,6 +93,26 @@ def _as_case(entry: object, root: Path, where: str, problems: List[str], need_la
     return Case(case_name(images[0]), images, resolve(label) if isinstance(label, str) else None)
 
 
+def _leaks(training: Sequence[Case], validation: Sequence[Case]) -> List[str]:
+    """A problem per validation case whose image is also a training case's (same file by path
+    or inode): validating on a training case reports a Dice the model has not earned."""
+    def key(p: Path):
+        try:
+            st = p.stat()
+            return (st.st_dev, st.st_ino)
+        except OSError:
+            return p.resolve()
+
+    seen = {key(img): c.name for c in training for img in c.images}
+    out = []
+    for c in validation:
+        hit = next((seen[key(img)] for img in c.images if key(img) in seen), None)
+        if hit is not None:
+            out.append(f"validation case {c.name!r} is training case {hit!r} (same image file): validation on a training case "
+                       "measures nothing; remove it from one of the lists")
+    return out
+
+
 def load_manifest(path: Union[str, Path]) -> Manifest:
     """Parse a dataset.json; every schema problem is reported at once in one ManifestError."""
     path = Path(path)
@@ -122,6 +145,11 @@ def load_manifest(path: Union[str, Path]) -> Manifest:
         problems.append(f"'labels' must declare 0 (background), got {labels}")
     if len(labels) < 2:
         problems.append(f"'labels' must declare at least one foreground class, got {labels}")
+    if len(labels) > MAX_CLASSES:
+        problems.append(f"'labels' declares {len(labels)} classes; volseg handles at most {MAX_CLASSES} (background included: class indices are 8-bit)")
+    odd = sorted(v for v in labels if not 0 <= v <= MAX_LABEL_VALUE)
+    if odd:
+        problems.append(f"'labels' values {odd[:5]} are outside 0..{MAX_LABEL_VALUE} (label files hold them as 16-bit unsigned integers)")
     root = path.parent
     sections = {}
     for key, need_label in (("training", True), ("validation", True), ("test", False)):
@@ -135,6 +163,7 @@ def load_manifest(path: Union[str, Path]) -> Manifest:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             problems.append(f"{key}: duplicate case names {dup}")
+    problems += _leaks(sections["training"], sections["validation"])
     if problems:
         raise ManifestError(f"manifest {path}:\n  " + "\n  ".join(problems))
     return Manifest(

@@ -10,11 +10,26 @@ import numpy as np
 from ..config import Config, ConfigError
 from ..data.manifest import Case, Manifest
 from ..data.plan import ChannelNorm, PreprocessingPlan
+from ..preprocessing.pipeline import MAX_VOXELS, MIN_VOXELS
 from .fingerprint import channel_schemes, fingerprint
 
 log = logging.getLogger(__name__)
 
 __all__ = ["make_plan", "plan_cases"]
+
+
+def _check_resampled_sizes(extents: np.ndarray, spacing: Tuple[float, float, float], median) -> None:
+    """Refuse a spacing that resamples a training case (``extents``: mm per case and axis)
+    beyond what preprocessing accepts, naming ``data.spacing`` (not the case: no scan is bad)."""
+    sizes = np.maximum(1, np.round(extents / np.array(spacing)))
+    voxels = sizes.prod(axis=1)
+    worst = int(np.argmax(voxels)) if voxels.max() > MAX_VOXELS else int(np.argmin(sizes.min(axis=1)))
+    if voxels[worst] > MAX_VOXELS or sizes[worst].min() < MIN_VOXELS:
+        raise ConfigError(
+            f"data.spacing={[float(f'{s:.4g}') for s in spacing]} mm resamples training case {worst} ({np.round(extents[worst], 1).tolist()} mm) "
+            f"to {sizes[worst].astype(int).tolist()} voxels; a case needs at least {MIN_VOXELS} voxels per axis and at most {MAX_VOXELS:,} in all. "
+            f"The cases' median spacing is {[float(f'{s:.4g}') for s in median]} mm."
+        )
 
 
 def make_plan(fp: dict, manifest: Manifest, cfg: Config) -> PreprocessingPlan:
@@ -30,6 +45,7 @@ def make_plan(fp: dict, manifest: Manifest, cfg: Config) -> PreprocessingPlan:
     spacings = np.array(fp["spacings_mm"], float)
     sx, sy, sz = (float(s) for s in (cfg.data.spacing or np.median(spacings, axis=0)))
     spacing = (sx, sy, sz)
+    _check_resampled_sizes(np.array(fp["shapes"]) * spacings, spacing, np.median(spacings, axis=0))
     extent = np.median(np.array(fp["shapes"]) * spacings, axis=0)  # mm
     patch = _fit_patch(cfg, extent / np.array(spacing))
     norms = []

@@ -79,7 +79,7 @@ def check_input(images: Sequence[sitk.Image], plan: PreprocessingPlan, source: s
     if small or int(np.prod(size)) > MAX_VOXELS:
         raise ImageReadError(
             f"{source}: {list(canon.GetSize())} voxels of {[round(s, 4) for s in canon.GetSpacing()]} mm ({plan.orientation} order) "
-            f"resample to {size} voxels at the model's {[round(s, 4) for s in plan.spacing]} mm; volseg needs at least {MIN_VOXELS} voxels along "
+            f"resample to {size} voxels at the model's {[float(f'{s:.4g}') for s in plan.spacing]} mm; volseg needs at least {MIN_VOXELS} voxels along "
             f"each {'in-plane ' if plan.spatial_dims == 2 else ''}axis, before and after resampling, and at most {MAX_VOXELS:,} "
             "after (check the header's spacing)."
         )

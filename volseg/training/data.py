@@ -138,6 +138,21 @@ def _choose_cache(cfg: Config, train_cases, val_cases, plan: PreprocessingPlan) 
 
 
 def _dataset(kind: str, data: List[dict], transforms: list, folder: Optional[Path], threads: int):
+    """The dataset of ``kind``, filled now for the caches. A case that fails to preprocess
+    raises its own error (MONAI wraps it in ``RuntimeError("applying transform ...")``), so the
+    user reads the one line that names the case."""
+    try:
+        return _build(kind, data, transforms, folder, threads)
+    except RuntimeError as exc:
+        cause = exc.__cause__
+        while isinstance(cause, RuntimeError) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, (ValueError, OSError)):
+            raise cause from None
+        raise
+
+
+def _build(kind: str, data: List[dict], transforms: list, folder: Optional[Path], threads: int):
     from monai.data import CacheDataset, Dataset, PersistentDataset
     from monai.transforms import Compose
 

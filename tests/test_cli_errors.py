@@ -17,6 +17,7 @@ BAD = [
     (["synth", "{out}", "--spacing", "0", "1", "1"], "spacing"),
     (["synth", "{out}", "--modality", "pet"], "pet"),
     (["synth", "{out}", "--cases", "many"], "many"),
+    (["synth", "{data_dir}"], "--force"),
     (["plan", "{out}/missing.json"], "missing.json"),
     (["plan", "{data}", "--memory", "-1"], "--memory"),
     (["train", "{data}", "--set", "train.epochs=abc", "--output", "{out}/run"], "train.epochs"),
@@ -44,7 +45,7 @@ BAD = [
 @pytest.mark.parametrize("args,names", BAD, ids=[" ".join(a[:3]) for a, _ in BAD])
 def test_a_user_mistake_is_one_line_and_exit_status_2(args, names, tiny_dataset, tmp_path, capsys):
     scan = next(p for p in sorted(tiny_dataset.parent.rglob("*.nii.gz")) if "label" not in str(p))
-    argv = [a.format(data=tiny_dataset, out=tmp_path, scan=scan) for a in args]
+    argv = [a.format(data=tiny_dataset, data_dir=tiny_dataset.parent, out=tmp_path, scan=scan) for a in args]
     try:
         rc = main(argv)
     except SystemExit as exc:  # argparse's own errors (a bad choice or type)

@@ -228,3 +228,15 @@ def test_bad_arguments_raise_with_the_value(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_dataset(tmp_path, **kwargs)
     assert not (tmp_path / "dataset.json").exists()
+
+
+def test_a_folder_holding_a_dataset_is_refused_without_force(tmp_path, capsys):
+    from volseg.cli import main
+
+    (tmp_path / "dataset.json").write_text('{"name": "my real data"}', encoding="utf-8")
+    rc = main(["synth", str(tmp_path), "--cases", "1", "--test-cases", "0", "--shape", "16", "16", "16"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "already holds a dataset" in err and "--force" in err
+    assert (tmp_path / "dataset.json").read_text(encoding="utf-8") == '{"name": "my real data"}' and not (tmp_path / "imagesTr").exists()
+    assert main(["-q", "synth", str(tmp_path), "--cases", "1", "--test-cases", "0", "--shape", "16", "16", "16", "--force"]) == 0
+    assert "synthct_000" in (tmp_path / "dataset.json").read_text(encoding="utf-8")

@@ -85,6 +85,7 @@ def cmd_synth(args) -> int:
     path = make_dataset(
         args.out_dir, cases=args.cases, modality=args.modality, seed=args.seed,
         shape=tuple(args.shape), spacing=tuple(args.spacing) if args.spacing else None, test_cases=args.test_cases,
+        overwrite=args.force,
     )
     print(f"wrote {args.cases} training + {args.test_cases} test {args.modality.upper()} phantoms: {path}")
     return 0
@@ -269,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--shape", type=int, nargs=3, default=[64, 64, 48], metavar=("X", "Y", "Z"))
     s.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"), help="mm; default varies per case")
+    s.add_argument("--force", action="store_true", help="replace the dataset OUT_DIR already holds (refused without it)")
     s.set_defaults(func=cmd_synth)
 
     s = _command(sub, "plan", help="fingerprint a manifest's training cases and write a commented config YAML for them")

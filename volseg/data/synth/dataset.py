@@ -29,6 +29,7 @@ def make_dataset(
     shape: Sequence[int] = (64, 64, 48),
     spacing: Optional[Sequence[float]] = None,
     test_cases: int = 2,
+    overwrite: bool = False,
 ) -> Path:
     """Write a Decathlon-style synthetic dataset and return its ``dataset.json`` path.
 
@@ -40,7 +41,9 @@ def make_dataset(
     with paths relative to ``out_dir``). Case ``i`` is ``make_case((seed, i), ...)`` with the
     orientation ``ORIENTATIONS[i % 3]`` and, when ``spacing`` is None, anisotropic spacing
     for odd ``i``, so any three consecutive cases cover every orientation and both spacings.
-    Files are written atomically; existing files of the same names are replaced.
+    Files are written atomically. A folder that already holds a ``dataset.json`` (this
+    generator's or anyone's) is refused unless ``overwrite``; then files of the same names are
+    replaced.
     """
     modality = _check_modality(modality)
     shape3 = _check_shape(shape)
@@ -49,6 +52,9 @@ def make_dataset(
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
             raise ConfigError(f"{name}={value!r} must be an integer >= {low}.")
     out = Path(out_dir)
+    if (out / "dataset.json").exists() and not overwrite:
+        raise ConfigError(f"{out} already holds a dataset ({out / 'dataset.json'}); choose another folder, "
+                          "or replace it with overwrite=True (volseg synth --force).")
     t0 = time.perf_counter()
     entries: Dict[str, List[Dict[str, str]]] = {"Tr": [], "Ts": []}
     for index in range(cases + test_cases):

@@ -31,10 +31,24 @@ def _segment(pred, job: Job, loaded: dict, probabilities: bool, clock) -> dict:
     start, t0 = clock(), time.perf_counter()
     images = loaded["images"]
     out = pred.predict(images, source=str(job.images[0]), probabilities=probabilities, prepared=loaded["prepared"])
-    write_label_like(out["labels"], job.images[0], images[0], job.output)
-    prob_path = None
-    if probabilities:
-        prob_path = _write_probabilities(out["probabilities"], images[0], job.probabilities)
+    written = []
+    try:
+        written.append(write_label_like(out["labels"], job.images[0], images[0], job.output))
+        prob_path = _write_probabilities(out["probabilities"], images[0], job.probabilities) if probabilities else None
+        written.append(prob_path)
+        timing = _write_sidecar(pred, job, out, loaded, prob_path, t0)
+    except BaseException:  # a failed case leaves none of its outputs: a mask without its sidecar looks finished
+        for path in written:
+            if path is not None:
+                Path(path).unlink(missing_ok=True)
+        raise
+    log.info("%s -> %s (%.1fs)", job.name, job.output, timing["total_s"])
+    return {"timing_s": timing, "timeline_s": {"read": loaded["read"], "segment": [start, clock()]}}
+
+
+def _write_sidecar(pred, job: Job, out: dict, loaded: dict, prob_path, t0: float) -> dict:
+    """The mask's JSON sidecar (inputs, outputs, model, labels, settings, versions, timing);
+    returns the timing."""
     read_s = loaded["read"][1] - loaded["read"][0]  # reading and preprocessing
     timing = {**{k: round(v, 3) for k, v in out["timing"].items()}, "read_s": round(read_s, 3), "wait_s": round(loaded["wait_s"], 3), "total_s": round(time.perf_counter() - t0 + read_s, 3)}
     sidecar = {
@@ -48,8 +62,7 @@ def _segment(pred, job: Job, loaded: dict, probabilities: bool, clock) -> dict:
         "timing_s": timing,
     }
     write_text(job.sidecar, json.dumps(sidecar, indent=2))
-    log.info("%s -> %s (%.1fs)", job.name, job.output, timing["total_s"])
-    return {"timing_s": timing, "timeline_s": {"read": loaded["read"], "segment": [start, clock()]}}
+    return timing
 
 
 def _write_probabilities(arr: np.ndarray, reference, path: Path) -> Path:

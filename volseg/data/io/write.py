@@ -14,7 +14,7 @@ from typing import Iterator, Set
 import numpy as np
 import SimpleITK as sitk
 
-from .base import PathLike, is_nifti_path
+from .base import PathLike, is_nifti_path, itk_error_text
 from .paths import refuse_unsafe_outputs
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,12 @@ def _remove_stale_temps(folder: Path) -> None:
             log.info("removed %s, a temporary folder left %.1f h ago by an interrupted volseg run", p, age / 3600)
 
 
+def _write_error(final: Path, cause: str, errno_: object) -> OSError:
+    err = OSError(f"cannot write {final}: {cause}")
+    err.errno = errno_  # type: ignore[assignment]  # kept for callers that test it (ENOSPC)
+    return err
+
+
 @contextmanager
 def atomic_write(final: PathLike) -> Iterator[Path]:
     """Yield a temporary path for ``final``: a file of the same name inside a new hidden folder
@@ -56,8 +62,15 @@ def atomic_write(final: PathLike) -> Iterator[Path]:
     folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=final.parent))
     try:
         tmp = folder / final.name
-        yield tmp
-        os.replace(tmp, final)
+        try:
+            yield tmp
+            os.replace(tmp, final)
+        except OSError as exc:  # a full disk, a quota: name the file the user asked for, not the temporary one
+            raise _write_error(final, exc.strerror or str(exc), exc.errno) from exc
+        except RuntimeError as exc:
+            if "ITK" not in str(exc) and "SimpleITK" not in str(exc):
+                raise
+            raise _write_error(final, itk_error_text(exc), None) from exc
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -21,9 +21,8 @@ The run folder describes itself, so ``volseg infer --model RUN`` needs nothing e
 Determinism: ``monai.utils.set_determinism(train.seed)`` seeds torch, numpy and python; the
 patch sampler and the augmentation have their own seeded streams (per epoch), so on the CPU
 the same seed, data and config give bit-identical weights (tested). On CUDA, cuDNN is asked
-for deterministic algorithms (``set_determinism``), and two runs of a small default-config
-network have given bit-identical weights with and without AMP on a GPU (benchmarks/README.md);
-but ``torch.use_deterministic_algorithms`` is not enforced, so kernels that accumulate with
+for deterministic algorithms (``set_determinism``), but
+``torch.use_deterministic_algorithms`` is not enforced, so kernels that accumulate with
 atomics (e.g. some interpolation and scatter backward passes), another GPU model, driver or
 library version can change the last bits: bitwise equality is promised on the CPU only. With
 ``data.num_workers > 0`` each worker's augmentation stream is seeded from the torch seed, so

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .io import ImageReadError, case_name, itk_error_text, read_header, read_label, same_geometry
+from .io import ImageReadError, case_name, file_identity, itk_error_text, read_header, read_label, same_geometry
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +96,10 @@ def _as_case(entry: object, root: Path, where: str, problems: List[str], need_la
 def _leaks(training: Sequence[Case], validation: Sequence[Case]) -> List[str]:
     """A problem per validation case whose image is also a training case's (same file by path
     or inode): validating on a training case reports a Dice the model has not earned."""
-    def key(p: Path):
-        try:
-            st = p.stat()
-            return (st.st_dev, st.st_ino)
-        except OSError:
-            return p.resolve()
-
-    seen = {key(img): c.name for c in training for img in c.images}
+    seen = {file_identity(img): c.name for c in training for img in c.images}
     out = []
     for c in validation:
-        hit = next((seen[key(img)] for img in c.images if key(img) in seen), None)
+        hit = next((seen[file_identity(img)] for img in c.images if file_identity(img) in seen), None)
         if hit is not None:
             out.append(f"validation case {c.name!r} is training case {hit!r} (same image file): validation on a training case "
                        "measures nothing; remove it from one of the lists")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
-from ..data.io import ImageReadError, case_name, check_input, is_image_path, refuse_unsafe_outputs
+from ..data.io import ImageReadError, case_name, check_input, is_image_path, itk_warnings_off, refuse_unsafe_outputs
 from ..data.manifest import load_manifest
 
 log = logging.getLogger(__name__)
@@ -33,11 +33,7 @@ class Job:
     @property
     def sidecar(self) -> Path:
         """The mask's JSON sidecar: its name with ``.json`` for the image suffix."""
-        name = self.output.name
-        for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-            if name.endswith(suffix):
-                return self.output.with_name(name[: -len(suffix)] + ".json")
-        return self.output.with_name(name + ".json")
+        return self.output.with_name(case_name(self.output) + ".json")
 
 
 def _is_dicom_dir(p: Path) -> bool:
@@ -45,12 +41,8 @@ def _is_dicom_dir(p: Path) -> bool:
 
     if not p.is_dir():
         return False
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's "No Series were found" is an answer here, not a warning
-    try:
+    with itk_warnings_off():  # ITK's "No Series were found" is an answer here, not a warning
         return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p)))
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def collect_inputs(inputs: Sequence[Union[str, Path]], output: Optional[Union[str, Path]] = None) -> List[Job]:

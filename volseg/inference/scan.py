@@ -35,12 +35,12 @@ def _segment(pred, job: Job, loaded: dict, probabilities: bool, clock) -> dict:
     try:
         written.append(write_label_like(out["labels"], job.images[0], images[0], job.output))
         prob_path = _write_probabilities(out["probabilities"], images[0], job.probabilities) if probabilities else None
-        written.append(prob_path)
+        if prob_path is not None:
+            written.append(prob_path)
         timing = _write_sidecar(pred, job, out, loaded, prob_path, t0)
     except BaseException:  # a failed case leaves none of its outputs: a mask without its sidecar looks finished
         for path in written:
-            if path is not None:
-                Path(path).unlink(missing_ok=True)
+            Path(path).unlink(missing_ok=True)
         raise
     log.info("%s -> %s (%.1fs)", job.name, job.output, timing["total_s"])
     return {"timing_s": timing, "timeline_s": {"read": loaded["read"], "segment": [start, clock()]}}

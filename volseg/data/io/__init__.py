@@ -41,8 +41,8 @@ writers). Every name is importable from here.
 
 from __future__ import annotations
 
-from .base import IMAGE_SUFFIXES, NIFTI_SUFFIXES, ImageReadError, PathLike, case_name, is_image_path, is_nifti_path, itk_error_text
-from .paths import UnsafeOutputError, check_input, detached_data_files, refuse_unsafe_outputs
+from .base import IMAGE_SUFFIXES, NIFTI_SUFFIXES, ImageReadError, PathLike, case_name, is_image_path, is_nifti_path, itk_error_text, itk_warnings_off
+from .paths import UnsafeOutputError, check_input, detached_data_files, file_identity, refuse_unsafe_outputs
 from .read import read_channels, read_header, read_image, read_label, same_geometry
 from .write import STALE_TEMP_S, TEMP_PREFIX, atomic_write, nifti_affine, save_torch, write_image, write_label_like, write_text
 
@@ -67,6 +67,8 @@ __all__ = [
     "save_torch",
     "nifti_affine",
     "itk_error_text",
+    "itk_warnings_off",
+    "file_identity",
     "PathLike",
     "IMAGE_SUFFIXES",
     "NIFTI_SUFFIXES",

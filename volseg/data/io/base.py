@@ -4,6 +4,7 @@ error text."""
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Union
 
@@ -44,3 +45,17 @@ def itk_error_text(exc: BaseException) -> str:
     text = re.sub(r"^(?:sitk::ERROR|ITK ERROR|itk::ERROR):\s*", "", text)
     text = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", text)
     return text or type(exc).__name__
+
+
+@contextmanager
+def itk_warnings_off():
+    """Silence ITK's global warning display for a block (restored after): for ITK warnings that
+    volseg answers itself, in words a user understands."""
+    import SimpleITK as sitk
+
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)

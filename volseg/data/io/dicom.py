@@ -26,7 +26,7 @@ from typing import List, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from .base import ImageReadError
+from .base import ImageReadError, itk_warnings_off
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,8 @@ def read_dicom_folder(folder: Path) -> sitk.Image:
         log.warning("%s holds %d DICOM series; reading %s (%d slices, the most); not read: %s.", folder, len(series), chosen, len(files[chosen]), others)
     reader.SetFileNames(files[chosen])
     reader.MetaDataDictionaryArrayUpdateOn()  # each slice's tags, for the geometry check
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's "Non uniform sampling": checked below, in words
-    try:
+    with itk_warnings_off():  # ITK's "Non uniform sampling": checked below, in words
         img = reader.Execute()
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     _check_series(reader, files[chosen], folder)
     return img
 

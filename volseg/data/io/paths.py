@@ -8,7 +8,7 @@
   the header's own folder or below it, after following symlinks: a header never makes volseg read
   ``/etc/passwd``, ``../../x.raw`` or ``/dev/urandom``. ITK reads the files itself, so the
   header is parsed here first with the same rules ITK uses to find them.
-- **Outputs** (:func:`check_output`) replace only a missing name or a regular file (not a
+- **Outputs** (:func:`refuse_unsafe_outputs`) replace only a missing name or a regular file (not a
   symlink, folder or device node), and never a file that is an input of the same command (same
   resolved path or the same inode: a hard link counts).
 """
@@ -83,10 +83,10 @@ def _expand(spec: str, following: List[str], header: Path) -> List[str]:
     if "%" in parts[0] and len(parts) >= 4:
         try:
             lo, hi, step = int(parts[1]), int(parts[2]), int(parts[3])
-            count = len(range(lo, hi + (1 if step > 0 else -1), step))
-            if count > _MAX_DATA_FILES:
-                raise ImageReadError(f"{header}: the header names {count} data files (pattern {spec!r}); at most {_MAX_DATA_FILES}.")
-            return [parts[0] % i for i in range(lo, hi + (1 if step > 0 else -1), step)]
+            indices = range(lo, hi + (1 if step > 0 else -1), step)
+            if len(indices) > _MAX_DATA_FILES:
+                raise ImageReadError(f"{header}: the header names {len(indices)} data files (pattern {spec[:200]!r}); at most {_MAX_DATA_FILES}.")
+            return [parts[0] % i for i in indices]
         except (ValueError, TypeError, ZeroDivisionError):
             raise ImageReadError(f"{header}: cannot read the data-file pattern {spec[:200]!r}.") from None
     return [spec.strip()]
@@ -138,9 +138,15 @@ def detached_data_files(header: PathLike) -> List[Path]:
     return files
 
 
-def _identity(p: Path):
-    st = p.stat()
-    return (st.st_dev, st.st_ino)
+def file_identity(path: PathLike):
+    """What makes two names one file: ``(device, inode)`` (hard links and any spelling agree),
+    or the resolved path when the file cannot be stat'ed."""
+    p = Path(path)
+    try:
+        st = p.stat()
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        return p.resolve()
 
 
 def refuse_unsafe_outputs(outputs: Iterable[PathLike], inputs: Iterable[PathLike] = ()) -> None:
@@ -150,12 +156,12 @@ def refuse_unsafe_outputs(outputs: Iterable[PathLike], inputs: Iterable[PathLike
     taken = {}
     for src in inputs:
         src = Path(src)
-        for q in [src] + (detached_data_files(src) if src.is_file() else []):
-            try:
-                taken[q.resolve()] = src
-                taken[_identity(q)] = src
-            except OSError:
-                continue
+        try:
+            data = detached_data_files(src) if src.is_file() else []
+        except ImageReadError:  # a bad header fails its own scan when it is read
+            data = []
+        for q in [src] + data:
+            taken[file_identity(q)] = src
     for out in outputs:
         p = Path(out)
         try:
@@ -166,6 +172,6 @@ def refuse_unsafe_outputs(outputs: Iterable[PathLike], inputs: Iterable[PathLike
             raise UnsafeOutputError(f"{p}: cannot be written ({exc.strerror or exc}).") from None
         if not stat.S_ISREG(mode):
             raise UnsafeOutputError(f"{p}: is {_kind(mode)}; volseg replaces only regular files (or writes a new name). Choose another output.")
-        src = taken.get(p.resolve()) or taken.get(_identity(p))
+        src = taken.get(file_identity(p))
         if src is not None:
             raise UnsafeOutputError(f"{p}: is an input of this command ({src}); writing there would destroy it. Choose another output.")

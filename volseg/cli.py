@@ -80,11 +80,21 @@ def cmd_model(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from .data.synth import make_dataset
+    from .data.synth import make_dataset, make_tumor_dataset
 
+    if args.task == "tumor":
+        path = make_tumor_dataset(args.out_dir, cases=args.cases, seed=args.seed, shape=tuple(args.shape or (40, 40, 32)),
+                                  test_cases=args.test_cases, sparse=args.sparse, overwrite=args.force)
+        sparse = f", training labels on every {args.sparse}th slice" if args.sparse > 1 else ""
+        print(f"wrote {args.cases} training + {args.test_cases} test tumour phantoms (region labels{sparse}): {path}")
+        return 0
+    if args.sparse != 1:
+        from .config import ConfigError
+
+        raise ConfigError(f"--sparse {args.sparse} needs --task tumor (the abdomen phantoms are fully annotated).")
     path = make_dataset(
         args.out_dir, cases=args.cases, modality=args.modality, seed=args.seed,
-        shape=tuple(args.shape), spacing=tuple(args.spacing) if args.spacing else None, test_cases=args.test_cases,
+        shape=tuple(args.shape or (64, 64, 48)), spacing=tuple(args.spacing) if args.spacing else None, test_cases=args.test_cases,
         overwrite=args.force,
     )
     print(f"wrote {args.cases} training + {args.test_cases} test {args.modality.upper()} phantoms: {path}")
@@ -122,7 +132,7 @@ def cmd_train(args) -> int:
 
     try:  # under torchrun every process runs this; train() joins the process group
         run = train(args.manifest, None if planned else cfg, out, resume=args.resume, device=args.device, progress=_progress(args),
-                    overrides=(args.set or []) if planned else ())
+                    overrides=(args.set or []) if planned else (), pretrained=args.pretrained)
     finally:
         distributed.shutdown()
     if distributed.is_main():
@@ -144,7 +154,8 @@ def _train_folds(args, cfg, out: str, planned: bool) -> int:
                               f"folder: volseg train MANIFEST --output {out}/fold_K --resume --set train.epochs=N.")
         cfg, planned = None, False
     parent = train_folds(args.manifest, cfg, out, args.folds, only=None if fold is None else int(fold), resume=args.resume,
-                         device=args.device, progress=_progress(args), overrides=(args.set or []) if planned else ())
+                         device=args.device, progress=_progress(args), overrides=(args.set or []) if planned else (),
+                         pretrained=args.pretrained)
     print(f"cross-validation folder: {parent}")
     return 0
 
@@ -268,7 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-cases", type=int, default=2, help="held-out test cases (default: %(default)s)")
     s.add_argument("--modality", choices=["ct", "mr", "mri"], default="ct", help="ct: int16 HU; mr (= mri): float intensities (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--shape", type=int, nargs=3, default=[64, 64, 48], metavar=("X", "Y", "Z"))
+    s.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"), help="default: 64 64 48 (abdomen), 40 40 32 (tumor)")
+    s.add_argument("--task", choices=["abdomen", "tumor"], default="abdomen",
+                   help="abdomen: liver, kidneys, lesion; tumor: nested tumour parts with nnU-Net region labels (default: %(default)s)")
+    s.add_argument("--sparse", type=int, default=1, metavar="K",
+                   help="tumor: keep every K-th z slice of the training labels annotated, the rest 'ignore' (default: %(default)s, all)")
     s.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"), help="mm; default varies per case")
     s.add_argument("--force", action="store_true", help="replace the dataset OUT_DIR already holds (refused without it)")
     s.set_defaults(func=cmd_synth)
@@ -286,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", help="run folder (default: runs/<timestamp>)")
     s.add_argument("--resume", action="store_true", help="continue the run in --output from last.pt (with --set train.epochs=N to extend it)")
     s.add_argument("--folds", type=int, metavar="K", help="cross-validation: train K folds into --output/fold_0..fold_K-1 (one fold: --set data.fold=k)")
+    s.add_argument("--pretrained", metavar="RUN_OR_CHECKPOINT",
+                   help="start from another run's weights: a run folder, a fold folder, a checkpoint (best.pt) or a model exported by volseg export")
     _device_arg(s)
     s.set_defaults(func=cmd_train)
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from .data.io import ImageReadError, read_label, same_geometry
 
-__all__ = ["EvaluationError", "dice_per_class", "load_label_pair"]
+__all__ = ["EvaluationError", "dice_per_class", "dice_per_output", "load_label_pair"]
 
 
 class EvaluationError(ValueError):
@@ -27,6 +27,27 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> Lis
     p = one_hot(torch.as_tensor(pred[None, None]).long(), num_classes)
     t = one_hot(torch.as_tensor(truth[None, None]).long(), num_classes)
     return compute_dice(p, t, include_background=False, ignore_empty=False)[0].tolist()
+
+
+def dice_per_output(pred: np.ndarray, truth: np.ndarray, plan) -> Tuple[List[str], List[float]]:
+    """(names, Dice) of what the plan's network outputs, from two class-index maps of one shape:
+    each foreground class, or in region mode each region. Voxels the truth marks as ignored
+    (``IGNORE_INDEX``) count for neither map."""
+    import torch
+    from monai.metrics import compute_dice
+
+    from .data.plan import IGNORE_INDEX
+    from .data.regions import labels_to_regions
+
+    valid = truth != IGNORE_INDEX
+    if plan.has_regions:
+        regions = plan.region_indices()
+        p = labels_to_regions(pred, regions) & valid
+        t = labels_to_regions(truth, regions) & valid
+        dice = compute_dice(torch.as_tensor(p[None]).float(), torch.as_tensor(t[None]).float(), include_background=True, ignore_empty=False)
+        return list(plan.region_names), dice[0].tolist()
+    zero = np.zeros((), pred.dtype)
+    return list(plan.label_names[1:]), dice_per_class(np.where(valid, pred, zero), np.where(valid, truth, zero), plan.num_classes)
 
 
 def load_label_pair(pred_path: Path, truth_path: Path, name: str) -> Tuple[np.ndarray, np.ndarray, Tuple[float, ...]]:

@@ -53,6 +53,11 @@ def learn_postprocessing(folder: Union[str, Path]) -> List[int]:
     folder = Path(folder)
     plan = read_plan(folder if (folder / "plan.json").is_file() else runs_of(folder)[0])
     labels = dict(zip(plan.label_values, plan.label_names))
+    if plan.has_regions:  # a label value there is a difference of nested regions, whose pieces are not one structure
+        write_postprocessing(folder, {"largest_component": [], "rule": "none: region models are not postprocessed (a label value is "
+                                      "the difference of nested regions, e.g. edema = whole tumour minus core, not one component)"})
+        log.info("postprocessing: none for a region model")
+        return []
     values = sorted(labels)
     before: Dict[int, List[float]] = {v: [] for v in values[1:]}
     after: Dict[int, List[float]] = {v: [] for v in values[1:]}
@@ -60,6 +65,8 @@ def learn_postprocessing(folder: Union[str, Path]) -> List[int]:
     pairs = validation_pairs(folder)
     for name, pred_path, truth_path, _ in pairs:
         pred, truth, _ = load_label_pair(pred_path, truth_path, name)
+        if plan.ignore_label is not None:  # unannotated voxels score nothing
+            pred = np.where(truth == plan.ignore_label, 0, pred)
         for v in before:
             p, t = (pred == v).astype(np.uint8), (truth == v).astype(np.uint8)
             before[v].append(dice_per_class(p, t, 2)[0])

@@ -1,7 +1,8 @@
 """Dataset manifests: the Medical Segmentation Decathlon ``dataset.json``, accepted as is.
 
 Keys: ``name``, ``modality`` (channel index -> name, e.g. ``{"0": "CT"}``), ``labels`` (value ->
-name, 0 = background), ``training`` (``[{"image": path | [paths per channel], "label": path}]``;
+name, 0 = background; or nnU-Net v2's name -> value or list of values, with
+``regions_class_order`` and an ``ignore`` label: :mod:`volseg.data.labelspec`), ``training`` (``[{"image": path | [paths per channel], "label": path}]``;
 a 4D image file holds as many channels as its 4th axis is long, as in the Decathlon's
 multi-modal tasks),
 optional ``validation`` (same form) and ``test`` (paths, or dicts with ``image`` and optional
@@ -22,6 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .io import ImageReadError, case_name, file_identity, itk_error_text, read_header, read_label, same_geometry
+from .labelspec import parse_labels
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,10 @@ class Manifest:
     training: Tuple[Case, ...]
     validation: Tuple[Case, ...] = ()
     test: Tuple[Case, ...] = ()
+    #: (name, label values) per region (nnU-Net v2 region labels; empty: one class per label)
+    regions: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()
+    regions_class_order: Tuple[int, ...] = ()
+    ignore_label: Optional[int] = None  # the value of the label named "ignore" (unannotated voxels)
 
     @property
     def foreground(self) -> List[int]:
@@ -129,9 +135,12 @@ def load_manifest(path: Union[str, Path]) -> Manifest:
         raise ManifestError(f"manifest {path}:\n  " + "\n  ".join(problems))
     try:
         modality = {int(k): str(v) for k, v in raw["modality"].items()}
-        labels = {int(k): str(v) for k, v in raw["labels"].items()}
     except (AttributeError, ValueError):
         raise ManifestError(f"manifest {path}: 'modality' and 'labels' must map integer strings to names.") from None
+    spec = parse_labels(raw["labels"], raw.get("regions_class_order"), problems)
+    if spec is None:
+        raise ManifestError(f"manifest {path}:\n  " + "\n  ".join(problems))
+    labels = spec.labels
     if sorted(modality) != list(range(len(modality))) or not modality:
         problems.append(f"'modality' keys must be 0..N-1, got {sorted(modality)}")
     if 0 not in labels:
@@ -140,7 +149,10 @@ def load_manifest(path: Union[str, Path]) -> Manifest:
         problems.append(f"'labels' must declare at least one foreground class, got {labels}")
     if len(labels) > MAX_CLASSES:
         problems.append(f"'labels' declares {len(labels)} classes; volseg handles at most {MAX_CLASSES} (background included: class indices are 8-bit)")
-    odd = sorted(v for v in labels if not 0 <= v <= MAX_LABEL_VALUE)
+    if spec.ignore is not None and len(labels) >= MAX_CLASSES:
+        problems.append(f"'labels' declares {len(labels)} classes and an ignore label; with one volseg handles at most {MAX_CLASSES - 1} "
+                        "(class index 255 marks ignored voxels)")
+    odd = sorted(v for v in list(labels) + ([spec.ignore] if spec.ignore is not None else []) if not 0 <= v <= MAX_LABEL_VALUE)
     if odd:
         problems.append(f"'labels' values {odd[:5]} are outside 0..{MAX_LABEL_VALUE} (label files hold them as 16-bit unsigned integers)")
     root = path.parent
@@ -167,6 +179,9 @@ def load_manifest(path: Union[str, Path]) -> Manifest:
         training=sections["training"],
         validation=sections["validation"],
         test=sections["test"],
+        regions=spec.regions,
+        regions_class_order=spec.regions_class_order,
+        ignore_label=spec.ignore,
     )
 
 
@@ -206,15 +221,28 @@ def _check_files(case: Case, paths: List[Path], heads: list, problems: List[str]
             problems.append(f"{case.name}: {p.name} geometry differs from {paths[0].name}: {diff}")
 
 
-def _check_label(case: Case, allowed: set, problems: List[str]) -> None:
+def _check_label(case: Case, allowed: set, problems: List[str]) -> set:
+    """The values of ``case``'s label map (a problem when one is not ``allowed``)."""
     try:
         lab = sitk.GetArrayFromImage(read_label(case.label))
     except ImageReadError as exc:
         problems.append(f"{case.name}: {exc}")
-        return
-    bad = sorted(set(np.unique(lab).astype(int).tolist()) - allowed)
+        return set()
+    found = set(np.unique(lab).astype(int).tolist())
+    bad = sorted(found - allowed)
     if bad:
         problems.append(f"{case.name}: label {case.label.name} has values {bad} not declared in 'labels' {sorted(allowed)}")
+    return found
+
+
+def _absent_region_values(manifest: Manifest, found: set) -> List[str]:
+    """A problem per region value that no checked label map holds: its region would be trained
+    on a value the data never show (usually a typo in the region list)."""
+    missing = sorted({v for _, vs in manifest.regions for v in vs} - found)
+    if not missing:
+        return []
+    names = [n for n, vs in manifest.regions if set(vs) & set(missing)]
+    return [f"regions {names} name label values {missing} that no label map holds (values found: {sorted(found)})"]
 
 
 def _too_few(n: int, min_cases: int) -> str:
@@ -237,6 +265,9 @@ def validate_cases(manifest: Manifest, cases: Sequence[Case], min_cases: int = 1
     Decathlon's multi-modal layout); the total must equal the manifest's ``modality`` count."""
     problems: List[str] = [] if len(cases) >= min_cases else [_too_few(len(cases), min_cases)]
     n_ch = len(manifest.modalities)
+    allowed = set(manifest.labels) | ({manifest.ignore_label} if manifest.ignore_label is not None else set())
+    seen: set = set()
+    all_read = True
     for case in cases:
         n_before = len(problems)
         paths = list(case.images) + ([case.label] if case.label else [])
@@ -258,7 +289,11 @@ def validate_cases(manifest: Manifest, cases: Sequence[Case], min_cases: int = 1
             problems.append(f"{case.name}: {found} image channel(s) ({per_file}) but the manifest declares {n_ch} ({list(manifest.modalities)})")
         _check_files(case, paths, heads, problems, tol)
         if case.label is not None and len(problems) == n_before:
-            _check_label(case, set(manifest.labels), problems)
+            seen |= _check_label(case, allowed, problems)
+        else:
+            all_read = False
+    if manifest.regions and all_read and cases:
+        problems += _absent_region_values(manifest, seen)
     if problems:
         raise ManifestError(f"manifest {manifest.path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
 

@@ -19,9 +19,9 @@ import torch
 from monai.transforms import MapTransform, RandomizableTransform
 
 from ..config import AugmentConfig, Config, ConfigError
-from .plan import PreprocessingPlan
+from .plan import IGNORE_INDEX, PreprocessingPlan
 
-__all__ = ["cached_transforms", "random_transforms", "class_ratios", "crop_size", "elastic_2d_params", "mirror_axes", "RandLabelIntensityd"]
+__all__ = ["cached_transforms", "random_transforms", "class_ratios", "sampling_classes", "RegionIndicesd", "crop_size", "elastic_2d_params", "mirror_axes", "RandLabelIntensityd"]
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +49,21 @@ def mirror_axes(plan: PreprocessingPlan) -> List[int]:
     return axes
 
 
+def sampling_classes(plan: PreprocessingPlan) -> List[str]:
+    """What the class-balanced crop centres on: background then each class, or in region mode
+    background then each region (a nested region is drawn as often as the one around it)."""
+    return ["background", *plan.region_names] if plan.has_regions else list(plan.label_names)
+
+
 def class_ratios(plan: PreprocessingPlan, ratios: Optional[Sequence[float]]) -> list:
-    """Sampling ratio per class index; default: background 1, each foreground class 1."""
+    """Sampling ratio per class index (region mode: background, then per region); default: 1 each."""
+    names = sampling_classes(plan)
     if ratios is None:
-        return [1.0] * plan.num_classes
-    if len(ratios) != plan.num_classes:
+        return [1.0] * len(names)
+    if len(ratios) != len(names):
         raise ConfigError(
-            f"data.class_ratios={list(ratios)} has {len(ratios)} entries; the manifest has {plan.num_classes} classes "
-            f"{list(plan.label_names)} (background first)."
+            f"data.class_ratios={list(ratios)} has {len(ratios)} entries; the manifest has {len(names)} "
+            f"{'sampling classes' if plan.has_regions else 'classes'} {names} (background first)."
         )
     return [float(r) for r in ratios]
 
@@ -78,9 +85,32 @@ def cached_transforms(plan: PreprocessingPlan):
             # a case smaller than the patch: edge voxels repeated, as inference pads
             # (inference.predictor.rolling_windows); zeros would be a tissue after normalisation
             SpatialPadd(keys=["image", "label"], spatial_size=crop_size(plan), mode="replicate"),
-            ClassesToIndicesd(keys="label", num_classes=plan.num_classes, indices_postfix="_cls_indices"),
+            RegionIndicesd(plan.region_indices()) if plan.has_regions
+            else ClassesToIndicesd(keys="label", num_classes=plan.num_classes, indices_postfix="_cls_indices"),
         ]
     )
+
+
+class RegionIndicesd(MapTransform):
+    """``label_cls_indices``: the voxel indices of background and of each region (class-index
+    regions), for ``RandCropByLabelClassesd``. MONAI's ``ClassesToIndicesd`` finds one class
+    per label value; a region is a union of them. Ignored voxels (:data:`IGNORE_INDEX`) are in
+    no list, so no crop centres on them."""
+
+    def __init__(self, regions: Sequence[Sequence[int]]):
+        super().__init__(keys=["label"])
+        self.regions = [list(r) for r in regions]
+
+    def __call__(self, data):
+        from monai.transforms.utils import map_classes_to_indices
+
+        from .regions import labels_to_regions
+
+        d = dict(data)
+        label = torch.as_tensor(d["label"])[0]
+        onehot = torch.cat([(label == 0)[None], labels_to_regions(label, self.regions)])
+        d["label_cls_indices"] = map_classes_to_indices(onehot)
+        return d
 
 
 def random_transforms(plan: PreprocessingPlan, cfg: Config, num_samples: int):
@@ -95,7 +125,7 @@ def random_transforms(plan: PreprocessingPlan, cfg: Config, num_samples: int):
             label_key="label",
             spatial_size=crop_size(plan),
             ratios=class_ratios(plan, cfg.data.class_ratios),
-            num_classes=plan.num_classes,
+            num_classes=len(sampling_classes(plan)),
             num_samples=num_samples,
             indices_key="label_cls_indices",
             warn=False,
@@ -160,7 +190,7 @@ class RandLabelIntensityd(RandomizableTransform, MapTransform):
             return data
         d = dict(data)
         image, label = torch.as_tensor(d["image"]), torch.as_tensor(d["label"])[0].long()
-        classes = [int(c) for c in torch.unique(label) if c != 0]
+        classes = [int(c) for c in torch.unique(label) if c not in (0, IGNORE_INDEX)]  # an ignored slab is no structure
         table = torch.zeros(int(label.max()) + 1, dtype=image.dtype)
         table[classes] = torch.as_tensor(self.R.uniform(-self.offsets, self.offsets, size=len(classes)), dtype=image.dtype)
         d["image"] = image + table[label]

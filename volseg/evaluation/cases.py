@@ -54,6 +54,23 @@ def _labels_from(arg: LabelsArg) -> Optional[Dict[int, str]]:
     return dict(load_manifest(arg).labels)
 
 
+class Regions(dict):
+    """``regions_class_order`` value -> the region's label values, with the regions' ``names``."""
+
+    names: List[str] = []
+
+
+def _regions_from(manifest: Optional[PathLike]) -> Tuple[Regions, Optional[int]]:
+    """(the regions a manifest defines, its ignore value); nothing without a manifest."""
+    out = Regions()
+    if manifest is None:
+        return out, None
+    man = load_manifest(manifest)
+    out.update({v: list(vs) for v, (_, vs) in zip(man.regions_class_order, man.regions)})
+    out.names = [n for n, _ in man.regions]
+    return out, man.ignore_label
+
+
 def _is_manifest(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() == ".json"
 

@@ -22,4 +22,8 @@ def evaluate_cv(folder: PathLike, output: Optional[PathLike] = None, tolerance_m
     cross-validation estimate); ``output`` as in :func:`~volseg.evaluation.evaluate`."""
     folder = Path(folder)
     plan = read_plan(folder if (folder / "plan.json").is_file() else runs_of(folder)[0])
-    return evaluate_pairs(validation_pairs(folder), dict(zip(plan.label_values, plan.label_names)), output, tolerance_mm)
+    if plan.has_regions:
+        return evaluate_pairs(validation_pairs(folder), dict(zip(plan.regions_class_order, plan.region_names)), output, tolerance_mm,
+                              dict(zip(plan.regions_class_order, plan.regions)), plan.ignore_label)
+    return evaluate_pairs(validation_pairs(folder), dict(zip(plan.label_values, plan.label_names)), output, tolerance_mm,
+                          ignore=plan.ignore_label)

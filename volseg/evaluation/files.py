@@ -16,7 +16,7 @@ import numpy as np
 
 from ..data.io import atomic_write, write_text
 from ..metrics import load_label_pair
-from .cases import LabelsArg, PathLike, _collect, _image_paths, _is_manifest, _labels_from, _match, _references
+from .cases import LabelsArg, PathLike, _collect, _image_paths, _is_manifest, _labels_from, _match, _references, _regions_from
 from .metrics import CSV_COLUMNS, METRICS, VOLUMES, EvaluationError, EvaluationResult, evaluate_case, summarize
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,11 @@ def evaluate(
     truth_cases, image_paths, restrict_to_pred, man_labels = _references(truth)
     label_map = _labels_from(labels)
     label_map = label_map if label_map is not None else man_labels
+    # regions and the ignore value come with a manifest (``labels`` or ``truth``); a labels dict scores labels
+    source = None if isinstance(labels, Mapping) else labels if labels is not None else truth if _is_manifest(truth) else None
+    regions, ignore = _regions_from(source)
+    if regions:  # the manifest's regions are what is scored, named by the regions
+        label_map = {v: n for v, n in zip(regions, regions.names)}
     pred_cases = _collect(pred, "prediction", strip=("_seg",))
     if pred.is_file() and len(truth_cases) == 1 and not _is_manifest(truth):
         pred_cases = {next(iter(truth_cases)): pred}
@@ -80,21 +85,29 @@ def evaluate(
         raise EvaluationError(f"labels {label_map} declare no foreground class to evaluate.")
 
     pairs = [(name, pred_cases[name], truth_cases[name], image_paths.get(name, "")) for name in common]
-    return evaluate_pairs(pairs, label_map, output, tolerance_mm)
+    return evaluate_pairs(pairs, label_map, output, tolerance_mm, dict(regions) or None, ignore)
 
 
 def evaluate_pairs(pairs: Sequence[Tuple[str, PathLike, PathLike, PathLike]], label_map: Mapping[int, str],
-                   output: Optional[PathLike] = None, tolerance_mm: float = 2.0) -> EvaluationResult:
+                   output: Optional[PathLike] = None, tolerance_mm: float = 2.0, regions: Optional[Mapping[int, Sequence[int]]] = None,
+                   ignore: Optional[int] = None) -> EvaluationResult:
     """Evaluate ``(case, prediction file, reference file, scan file or "")`` tuples with the
-    classes of ``label_map``; ``output`` as in :func:`evaluate`."""
+    classes of ``label_map``; ``output`` as in :func:`evaluate`. ``regions``: class value ->
+    its label values (region evaluation, see :func:`evaluate_case`); ``ignore``: the reference
+    value of unannotated voxels, which count for neither map (both read as background there)."""
     rows: List[dict] = []
     for name, pred_path, truth_path, image_path in pairs:
         p_arr, t_arr, spacing = load_label_pair(Path(pred_path), Path(truth_path), name)
-        unknown = _values(p_arr, t_arr) - set(label_map) - {0}
+        if ignore is not None:
+            keep = t_arr != ignore
+            p_arr, t_arr = np.where(keep, p_arr, 0), np.where(keep, t_arr, 0)
+        known = set(label_map) | {v for vs in (regions or {}).values() for v in vs}
+        unknown = _values(p_arr, t_arr) - known - {0}
         if unknown:
             log.warning("%s: label values %s are not in labels %s; ignored.", name, sorted(unknown), sorted(label_map))
         paths = dict(pred_path=str(pred_path), truth_path=str(truth_path), image_path=str(image_path))
-        case_rows = [{k: {**row, "case": name, **paths}[k] for k in CSV_COLUMNS} for row in evaluate_case(p_arr, t_arr, spacing, label_map, tolerance_mm)]
+        scored = evaluate_case(p_arr, t_arr, spacing, label_map, tolerance_mm, regions)
+        case_rows = [{k: {**row, "case": name, **paths}[k] for k in CSV_COLUMNS} for row in scored]
         log.info("%s: dice %s", name, ", ".join(f"{r['class']}={r['dice']:.3f}" for r in case_rows))
         rows += case_rows
 

@@ -82,12 +82,15 @@ def evaluate_case(
     spacing: Sequence[float],
     labels: Mapping[int, str],
     tolerance_mm: float = 2.0,
+    regions: Optional[Mapping[int, Sequence[int]]] = None,
 ) -> List[dict]:
     """Metrics of one case, one dict per foreground class (label 0 is skipped).
 
     ``pred``, ``truth``: integer label maps of equal shape ``(*spatial)`` (2D or 3D, e.g.
     ``[z, y, x]``); ``spacing``: voxel size in mm in the same axis order as the arrays;
-    ``labels``: value -> class name; ``tolerance_mm``: NSD tolerance. Each dict holds ``label``,
+    ``labels``: value -> class name; ``tolerance_mm``: NSD tolerance; ``regions``: value ->
+    the label values whose union is that class (region evaluation: ``labels`` maps each
+    region's ``regions_class_order`` value to the region's name). Each dict holds ``label``,
     ``class`` and :data:`METRICS` + :data:`VOLUMES` (distances in mm, volumes in ml). Empty masks
     follow the module's convention (NaN distances when exactly one mask is empty).
     """
@@ -106,7 +109,10 @@ def evaluate_case(
     for value, name in sorted(labels.items()):
         if int(value) == 0:
             continue
-        p, t = pred == value, truth == value
+        if regions is not None:
+            p, t = np.isin(pred, list(regions[value])), np.isin(truth, list(regions[value]))
+        else:
+            p, t = pred == value, truth == value
         n_p, n_t = int(p.sum()), int(t.sum())
         row = {"label": int(value), "class": str(name)}
         if n_p == 0 and n_t == 0:

@@ -1,7 +1,8 @@
 """Export a trained network for deployment without volseg (TorchScript or ONNX).
 
 The exported graph maps a window ``(B, C, *patch_size)`` of a *preprocessed* volume to class
-probabilities ``(B, K, *patch_size)`` (sigmoid for one output channel, else softmax). A JSON
+probabilities ``(B, K, *patch_size)`` (sigmoid for one output channel or one per region, else
+softmax; a region model's JSON gives ``regions_class_order`` to paint the regions back). A JSON
 file beside it records the preprocessing the graph expects (the run's ``plan.json``: spacing,
 orientation, per-channel normalisation, label values and names) and the window shape, so another
 runtime can replay preprocessing and sliding-window stitching.
@@ -37,7 +38,7 @@ def _wrapped(pred):
             logits = self.net(x)
             return torch.sigmoid(logits) if self.binary else torch.softmax(logits, 1)
 
-    return Probabilities(pred.model, pred.plan.binary).eval()
+    return Probabilities(pred.model, pred.plan.sigmoid).eval()
 
 
 def export(run_dir: Union[str, Path], fmt: str = "torchscript", output: Optional[Union[str, Path]] = None) -> Path:
@@ -70,8 +71,10 @@ def export(run_dir: Union[str, Path], fmt: str = "torchscript", output: Optional
         "format": fmt,
         "input": {"name": "image", "shape": ["batch", len(pred.plan.channels), *pred.plan.patch_size], "dtype": "float32",
                   "axes": "(B, C, X, Y, Z) of the preprocessed volume" if pred.plan.spatial_dims == 3 else "(B, C, H, W) slices"},
-        "output": {"name": "probabilities", "activation": "sigmoid" if pred.plan.binary else "softmax",
-                   "channels": pred.plan.out_channels},
+        "output": {"name": "probabilities", "activation": "sigmoid" if pred.plan.sigmoid else "softmax",
+                   "channels": pred.plan.out_channels, "names": list(pred.plan.output_names),
+                   # region mode: threshold each region at 0.5 and paint it with its value, in this order
+                   "regions_class_order": list(pred.plan.regions_class_order) or None},
         "preprocessing": asdict(pred.plan),
         "model": pred.run_info,
     }

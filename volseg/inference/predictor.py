@@ -129,7 +129,9 @@ class Predictor:
         buffer_device = buffer_device or self._buffer_device(x.shape[1:], roi)
 
         def make(z0, z1, parts, xy):
-            return Slab(z0, z1, parts, xy, shape[:2], self.plan.binary, buffer_device, box)
+            return Slab(z0, z1, parts, xy, shape[:2], self.plan.sigmoid, buffer_device, box, order)
+
+        order = tuple(self.plan.label_values.index(v) for v in self.plan.regions_class_order) if self.plan.has_regions else None
 
         # eval mode for this call only (validation calls it on a training network; the previous
         # mode is restored): no dropout, no batch-norm statistics updates, one output
@@ -140,7 +142,7 @@ class Predictor:
             if batch < self.infer.batch_size:
                 log.info("window batch %d -> %d: %d classes x %s voxels per window", self.infer.batch_size, batch, self.plan.out_channels, list(roi))
             spec = WindowSpec(roi=roi, overlap=self.infer.overlap, blend=self.infer.blend, batch_size=batch,
-                              out_channels=self.plan.out_channels, binary=self.plan.binary)
+                              out_channels=self.plan.out_channels, binary=self.plan.sigmoid)
             for z0, z1, parts, xy in rolling_windows(x, self.net, spec=spec, device=self.device, buffer_device=buffer_device,
                                                      keep=None if tile else box):
                 yield make(z0 + off[2], z1 + off[2], parts, tuple((a + o, b + o) for (a, b), o in zip(xy, off)))

@@ -57,6 +57,7 @@ def _write_sidecar(pred, job: Job, out: dict, loaded: dict, prob_path, t0: float
         "probabilities": str(prob_path) if prob_path else None,
         "model": pred.run_info,
         "labels": dict(zip(pred.plan.label_values, pred.plan.label_names)),
+        **({"regions": dict(zip(pred.plan.region_names, map(list, pred.plan.regions)))} if pred.plan.has_regions else {}),
         "settings": {**to_dict(pred.infer), "device": str(pred.device)},
         "versions": versions(),
         "timing_s": timing,

@@ -35,7 +35,7 @@ def _softmax_(x):
 
 class WindowNet:
     """``(B, C, *roi)`` windows -> ``(B, K, *roi)`` float32 probabilities (sigmoid for a binary
-    plan, else softmax), averaged over ``models`` and the mirrors ``flips``. Each window is
+    or region plan, else softmax), averaged over ``models`` and the mirrors ``flips``. Each window is
     mirrored on its own, as nnU-Net does, so the rolling order holds; blending is linear, so
     averaging per window equals averaging each member's stitched probabilities, without a volume
     per member. In 2D slice mode the unit window axis is squeezed for the 2D network (as MONAI's
@@ -64,7 +64,7 @@ class WindowNet:
                     logits = self._forward(model, torch.flip(x, axes) if axes else x)
                 p = logits.float()  # the same tensor when the network ran in float32
                 del logits
-                p = p.sigmoid_() if self.plan.binary else _softmax_(p)
+                p = p.sigmoid_() if self.plan.sigmoid else _softmax_(p)
                 p = torch.flip(p, axes) if axes else p
                 acc = p if acc is None else acc.add_(p)
         n = len(self.flips) * len(self.models)

@@ -246,9 +246,11 @@ class Slab:
     parts: list
     xy: Box
     shape: Tuple[int, int]
-    binary: bool
+    binary: bool  # independent sigmoid outputs (a binary or region plan): background 0 on every channel
     device: object = "cpu"
     keep: Optional[Box] = None
+    #: region mode: ``regions_class_order`` as class indices; :meth:`index` paints the regions
+    regions_order: Optional[Tuple[int, ...]] = None
 
     def channel(self, c: int):
         """Class ``c`` as a float32 tensor ``(X, Y, z1 - z0)`` on the whole preprocessed x/y grid."""
@@ -271,9 +273,15 @@ class Slab:
         return out
 
     def index(self):
-        """Class indices ``(X, Y, z1 - z0)`` uint8 (argmax; a binary plan: probability > 0.5)."""
+        """Class indices ``(X, Y, z1 - z0)`` uint8 (argmax; a binary plan: probability > 0.5; a
+        region plan: the regions over 0.5 painted in ``regions_order``)."""
         import torch
 
+        if self.regions_order is not None:
+            from ..data.regions import regions_to_labels
+
+            probs = torch.stack([self.channel(c) for c in range(len(self.regions_order))])
+            return regions_to_labels(probs, self.regions_order).to(torch.uint8)
         if self.binary:
             return (self.channel(0) > 0.5).to(torch.uint8)
         best = self.channel(0).clone()

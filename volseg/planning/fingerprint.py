@@ -64,6 +64,7 @@ def fingerprint(manifest: Manifest, cases: Sequence[Case], orientation: str = "R
     counts = np.zeros(len(values), np.int64)
     smallest: Dict[int, float] = {}
     present = {v: 0 for v in values}
+    ignored = total = 0
     for case in cases:
         images, label = load_case(case)
         if label is None:
@@ -73,6 +74,8 @@ def fingerprint(manifest: Manifest, cases: Sequence[Case], orientation: str = "R
         shapes.append([int(s) for s in canon.GetSize()])
         lab = sitk.GetArrayViewFromImage(label)
         case_counts = _label_counts(label)
+        ignored += case_counts.get(manifest.ignore_label, 0) if manifest.ignore_label is not None else 0
+        total += int(np.prod(label.GetSize()))
         voxel_mm3 = float(np.prod(canon.GetSpacing()))
         for i, v in enumerate(values):
             n = case_counts.get(v, 0)
@@ -80,7 +83,9 @@ def fingerprint(manifest: Manifest, cases: Sequence[Case], orientation: str = "R
             if v and n:
                 present[v] += 1
                 smallest[v] = min(smallest.get(v, math.inf), n * voxel_mm3)
-        mask = lab > 0
+        mask = lab > 0  # annotated foreground only: an ignored voxel is not known to be foreground
+        if manifest.ignore_label is not None:
+            mask &= lab != manifest.ignore_label
         for c, img in enumerate(images):
             name = manifest.modalities[c]
             check_intensities(img, schemes[c], name, case.name)
@@ -96,6 +101,7 @@ def fingerprint(manifest: Manifest, cases: Sequence[Case], orientation: str = "R
         "shapes": shapes,
         "channels": [dict(_channel_stats(name, schemes[c], samples[c]), norm=_norm_stats(schemes[c], norm_samples[c], len(norm_names)))
                      for c, name in enumerate(manifest.modalities)],
+        "ignored_voxel_fraction": ignored / max(1, total),  # the share of voxels labelled "ignore" (not annotated)
         "classes": [
             {"value": v, "name": manifest.labels[v], "voxel_fraction": float(counts[i] / max(1, counts.sum())),
              "cases_present": present[v] if v else len(cases), "smallest_mm3": smallest.get(v)}

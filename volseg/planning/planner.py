@@ -213,6 +213,8 @@ def plan_config(fp: dict, manifest: Manifest, memory_gb: Optional[float] = None,
     ``cuda`` (where the budget and the dry pass come from). ``spacing`` (mm, x y z): the
     user's target spacing instead of the planned one; patch, batch and depth are fitted to it."""
     n_in, n_out = len(manifest.modalities), (1 if len(manifest.labels) == 2 else len(manifest.labels))
+    if manifest.regions:
+        n_out = len(manifest.regions)
     if spacing is None:
         spacing, thick, spacing_why = _target_spacing(fp)
     else:
@@ -220,6 +222,8 @@ def plan_config(fp: dict, manifest: Manifest, memory_gb: Optional[float] = None,
     budget, budget_why = memory_budget(memory_gb, device)
     best, patch_why, batch_why = _patch_and_batch(fp, spacing, budget, device, n_in, n_out)
     ratios, ratios_why = _class_ratios(fp)
+    if manifest.regions:  # the crop draws background and each region; the per-label rule does not apply
+        ratios, ratios_why = None, f"null: equal shares for background and the {len(manifest.regions)} regions"
     model = best["model"]
     rf = receptive_field(model)
     bottleneck = [p // m for p, m in zip(best["patch"], model.input_multiple)]

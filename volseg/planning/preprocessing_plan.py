@@ -72,6 +72,10 @@ def make_plan(fp: dict, manifest: Manifest, cfg: Config) -> PreprocessingPlan:
         spatial_dims=cfg.model.spatial_dims,
         patch_size=patch,
         slice_axis=cfg.data.slice_axis,
+        regions=tuple(vs for _, vs in manifest.regions),
+        region_names=tuple(n for n, _ in manifest.regions),
+        regions_class_order=tuple(manifest.regions_class_order),
+        ignore_label=manifest.ignore_label,
     )
 
 

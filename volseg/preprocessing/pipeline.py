@@ -14,7 +14,8 @@ Steps, identical at training and inference:
    ``NormalizeIntensity``), which removes arbitrary MRI intensity scales.
 
 Arrays leave this module as ``(C, X, Y, Z)`` float32 (MONAI's channel-first, x-fastest order),
-labels as ``(1, X, Y, Z)`` uint8 holding class *indices* (0..K-1), not label values.
+labels as ``(1, X, Y, Z)`` uint8 holding class *indices* (0..K-1), not label values, and
+``IGNORE_INDEX`` (255) where the label is the plan's ignore value.
 :mod:`.restore` inverts steps 1-2 for class probabilities; :mod:`volseg.planning` makes the plan.
 """
 
@@ -28,7 +29,7 @@ import SimpleITK as sitk
 
 from ..data.io import ImageReadError, read_channels, read_label, same_geometry
 from ..data.manifest import Case
-from ..data.plan import PreprocessingPlan
+from ..data.plan import IGNORE_INDEX, PreprocessingPlan
 from .geometry import (
     Grid,
     antialias_sigma,
@@ -119,9 +120,12 @@ def preprocess(images: Sequence[sitk.Image], plan: PreprocessingPlan, label: Opt
     out: Dict[str, Any] = {"image": np.stack(chans)}
     if label is not None:
         lab = array_xyz(resample(to_canonical(label, plan.orientation), plan.spacing, is_label=True))
-        lut = np.zeros(int(max(max(plan.label_values), lab.max())) + 1, np.uint8)
+        top = max(max(plan.label_values), plan.ignore_label or 0, int(lab.max()))
+        lut = np.zeros(top + 1, np.uint8)
         for idx, value in enumerate(plan.label_values):
             lut[value] = idx
+        if plan.ignore_label is not None:
+            lut[plan.ignore_label] = IGNORE_INDEX
         out["label"] = lut[lab.astype(np.int64)][None]
     return out
 

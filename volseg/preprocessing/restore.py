@@ -64,12 +64,15 @@ class ScanRestorer:
             carry.append(p[..., -1:].clone())
             # interpolation is a convex combination and the K probabilities sum to 1, so the winner
             # has at least 1/K: a class below that everywhere in the slab cannot win (exact skip)
-            if k1 == k0 or (self._prob_view is None and k > 2 and float(src.max()) < (1 - 1e-3) / k):
+            if k1 == k0 or (self._prob_view is None and not self.plan.sigmoid and k > 2 and float(src.max()) < (1 - 1e-3) / k):
                 continue
             q = resample_linear(src, coords)
             best, index = self._vote(c, q, best, index)
             if self._prob_view is not None:
                 self._prob_view[c, ..., k0:k1] = (q.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        if k1 > k0 and self.plan.has_regions:
+            assert isinstance(best, list)  # region mode: every region's probabilities, none skipped
+            index = self._region_index(best)
         if k1 > k0:
             assert index is not None  # class 0's probabilities are never skipped
             self._label_view[..., k0:k1] = self._values[index.cpu().numpy()]
@@ -78,12 +81,24 @@ class ScanRestorer:
     def _vote(self, c: int, q, best, index):
         import torch
 
+        if self.plan.has_regions:  # the region probabilities are kept, painted by _region_index
+            return (best or []) + [q], None
         if self.plan.binary:
             return None, (q > 0.5).to(torch.uint8)
         if best is None:
             return q.clone(), torch.full(q.shape, c, dtype=torch.uint8, device=q.device)
         index.masked_fill_(q > best, c)  # (boolean-index assignment is several times slower)
         return torch.maximum(best, q, out=best), index
+
+    def _region_index(self, probs: list):
+        """Class indices of region probabilities ``[(X', Y', k)] * R`` resampled to the scan:
+        the regions over 0.5 painted in ``regions_class_order`` (:func:`regions_to_labels`)."""
+        import torch
+
+        from ..data.regions import regions_to_labels
+
+        order = [self.plan.label_values.index(v) for v in self.plan.regions_class_order]
+        return regions_to_labels(torch.stack(probs), order).to(torch.uint8)
 
     def labels(self) -> np.ndarray:
         """``[z, y, x]`` label values on the reference grid (uint8 when they fit)."""

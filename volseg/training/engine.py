@@ -56,6 +56,8 @@ from ..runtime import amp_dtype, resolve_device
 from .data import build_datasets
 from .handlers import EpochRecord, attach_nan_stop, attach_timing, attach_validation, raise_if_diverged
 from .logfile import run_log
+from .loss import build_loss
+from .pretrained import load_pretrained
 from .state import rng_state, set_rng_state, truncate_csv
 from .validation import finish_validation
 
@@ -88,6 +90,7 @@ def train(
     progress: bool = False,
     overrides: Sequence[str] = (),
     plan: Optional[PreprocessingPlan] = None,
+    pretrained: Optional[Union[str, Path]] = None,
 ) -> Path:
     """Train a network on ``manifest`` into the run folder ``output``; return its path.
 
@@ -103,6 +106,9 @@ def train(
     validation cases are segmented into ``output/val_predictions/`` and the postprocessing rule
     is learned from them (:func:`volseg.training.validation.finish_validation`). While it runs,
     volseg's log records also go to ``output/train.log`` (attached for this call only).
+    ``pretrained``: start from another run's weights (a run, a fold folder, a checkpoint or an
+    exported TorchScript file; :mod:`volseg.training.pretrained`), recorded in
+    ``output/pretrained.json``; not with ``resume`` (the run's own last.pt is its start).
 
     Under ``torchrun`` (:mod:`volseg.distributed`) every process calls this: rank 0 alone reads
     the manifest, plans, locks and writes the run folder and gives the others config, plan and
@@ -111,11 +117,13 @@ def train(
     train.batch_size`` (see :func:`_fit`).
     """
     run = Path(output)
+    if pretrained is not None and resume:
+        raise ConfigError("--pretrained starts a new run from another run's weights; --resume continues this run from its last.pt: give one.")
     distributed.quiet_other_ranks()
     distributed.init(resolve_device(device).type)
     with ExitStack() as hold:  # rank 0 holds the run folder's lock and its log until training ends
         cfg, plan, split = distributed.on_main(_prepare, manifest, cfg, run, resume, device, overrides, hold, plan)
-        _fit(run, cfg, plan, split, resume, device, progress and distributed.is_main())
+        _fit(run, cfg, plan, split, resume, device, progress and distributed.is_main(), pretrained)
         if distributed.is_main():  # one process segments the validation cases and learns the rule
             finish_validation(run, split[1], device)
         # the others wait for it: a rank that leaves (and tears its group down) while rank 0 still
@@ -206,7 +214,8 @@ def _resolve(cfg: Config, manifest: Manifest, plan: PreprocessingPlan) -> Config
     return replace(cfg, model={"in_channels": n_in, "out_channels": n_out})
 
 
-def _fit(run: Path, cfg: Config, plan: PreprocessingPlan, split: tuple, resume: bool, device: str, progress: bool) -> Path:
+def _fit(run: Path, cfg: Config, plan: PreprocessingPlan, split: tuple, resume: bool, device: str, progress: bool,
+         pretrained: Optional[Union[str, Path]] = None) -> Path:
     """Build, restore and run the engine. With several processes each rank takes its shard of
     the training cases (``distributed.shard``: cached by that rank only) and draws its own
     patches: sampler and augmentation streams are seeded with ``train.seed + rank`` (rank 0's are
@@ -222,6 +231,8 @@ def _fit(run: Path, cfg: Config, plan: PreprocessingPlan, split: tuple, resume: 
     t = cfg.train
     set_determinism(seed=t.seed)  # the same initial weights on every rank
     parts = build_parts(cfg, plan, device)
+    if pretrained is not None:  # every rank reads the file: the same weights everywhere
+        load_pretrained(parts.model, pretrained, plan, run if distributed.is_main() else None)
     if distributed.rank() > 0:  # own dropout masks and loader-worker seeds
         set_determinism(seed=t.seed + distributed.rank())
     loader, val_ds, transform = _loaders(cfg, plan, split, run, parts.generator)
@@ -283,7 +294,7 @@ def poly_schedule(opt, total_iters: int, power: float):
 def build_parts(cfg: Config, plan: PreprocessingPlan, device: str) -> Parts:
     """Network, optimiser, poly schedule, AMP scaler and loss for ``cfg`` and ``plan``."""
     import torch
-    from monai.losses import DeepSupervisionLoss, DiceCELoss
+    from monai.losses import DeepSupervisionLoss
 
     t, dev = cfg.train, resolve_device(device)
     model = build_network(cfg.model, len(plan.channels), plan.out_channels).to(dev)
@@ -294,8 +305,7 @@ def build_parts(cfg: Config, plan: PreprocessingPlan, device: str) -> Parts:
     if t.class_weights and len(t.class_weights) != plan.out_channels:
         raise ConfigError(f"train.class_weights has {len(t.class_weights)} entries; the network has {plan.out_channels} output channel(s).")
     weight = torch.tensor(t.class_weights, dtype=torch.float32, device=dev) if t.class_weights else None
-    loss = DiceCELoss(include_background=plan.binary, to_onehot_y=not plan.binary, softmax=not plan.binary, sigmoid=plan.binary,
-                      weight=weight, lambda_dice=t.lambda_dice, lambda_ce=t.lambda_ce, batch=True)
+    loss = build_loss(plan, t.lambda_dice, t.lambda_ce, weight)
     if cfg.model.deep_supervision:
         loss = DeepSupervisionLoss(loss, weight_mode="exp")
     amp = amp_dtype(dev) if t.amp else None

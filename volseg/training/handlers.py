@@ -15,7 +15,7 @@ import numpy as np
 from .. import distributed
 from ..config import ConfigError
 from ..data.io import save_torch, write_text
-from ..metrics import dice_per_class
+from ..metrics import dice_per_output
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def attach_validation(trainer, model, predictor, val_ds, plan, every: int, row: 
     from ignite.engine import Events
     from monai.networks import eval_mode
 
-    names = list(plan.label_names[1:])
+    names = list(plan.region_names) if plan.has_regions else list(plan.label_names[1:])
     told: List[bool] = []
 
     def due(engine, epoch: int) -> bool:
@@ -77,7 +77,7 @@ def attach_validation(trainer, model, predictor, val_ds, plan, every: int, row: 
     @trainer.on(Events.EPOCH_COMPLETED(event_filter=due))
     def _validate(engine):
         with eval_mode(model):
-            mine = [(v["name"], dice_per_class(predictor.predict_index(v["image"]), np.asarray(v["label"])[0], plan.num_classes))
+            mine = [(v["name"], dice_per_output(predictor.predict_index(v["image"]), np.asarray(v["label"])[0], plan)[1])
                     for v in (val_ds[i] for i in range(len(val_ds)))]
         shares = distributed.all_gather(mine)
         if len(shares) > 1:
@@ -120,7 +120,7 @@ class EpochRecord:
 
     def __init__(self, run: Path, plan, parts, row: Dict, best: float = -1.0):
         self.run, self.parts, self.row, self.best = run, parts, row, best
-        self.names = list(plan.label_names[1:])
+        self.names = list(plan.region_names) if plan.has_regions else list(plan.label_names[1:])
         self.header = (["epoch", "train_loss", "lr", "val_dice_mean"] + [f"val_dice_{n}" for n in self.names]
                        + ["data_wait_s", "train_s", "epoch_time_s"])
         self.csv = run / "metrics.csv"

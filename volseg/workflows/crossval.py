@@ -47,7 +47,8 @@ PathLike = Union[str, Path]
 
 
 def train_folds(manifest: PathLike, cfg: Optional[Config], parent: PathLike, folds: int, only: Optional[int] = None,
-                resume: bool = False, device: str = "auto", progress: bool = False, overrides: Sequence[str] = ()) -> Path:
+                resume: bool = False, device: str = "auto", progress: bool = False, overrides: Sequence[str] = (),
+                pretrained: Optional[PathLike] = None) -> Path:
     """Train ``folds`` folds (or fold ``only``) of ``manifest`` into ``parent``; return it.
 
     ``cfg=None`` plans a config from the data (once, kept in the parent) with ``overrides`` on
@@ -66,7 +67,8 @@ def train_folds(manifest: PathLike, cfg: Optional[Config], parent: PathLike, fol
     for k in ([only] if only is not None else range(folds)):
         run = parent / f"fold_{k}"
         log.info("fold %d/%d -> %s", k, folds, run)
-        train(manifest, replace(cfg, data={"fold": k}), run, resume=resume and (run / "last.pt").is_file(), device=device,
+        fold_resume = resume and (run / "last.pt").is_file()
+        train(manifest, replace(cfg, data={"fold": k}), run, resume=fold_resume, pretrained=None if fold_resume else pretrained, device=device,
               progress=progress, plan=plan)
     done = [f for f in fold_dirs(parent) if (f / "val_predictions").is_dir()]
     if len(done) == folds:

@@ -35,7 +35,9 @@ deterministic: case ``i`` of :func:`make_dataset` with seed ``s`` uses
 The modules: :mod:`~volseg.data.synth.geometry` (each case's grid in world space),
 :mod:`~volseg.data.synth.anatomy` (organ shapes, tissue and label maps),
 :mod:`~volseg.data.synth.render` (CT and MRI intensities), :mod:`~volseg.data.synth.cases`
-(:func:`make_case`) and :mod:`~volseg.data.synth.dataset` (:func:`make_dataset`).
+(:func:`make_case`) and :mod:`~volseg.data.synth.dataset` (:func:`make_dataset`);
+:mod:`~volseg.data.synth.tumor` (:func:`make_tumor_dataset`) writes nested tumour phantoms with
+nnU-Net region labels and, optionally, sparse annotation (``volseg synth --task tumor``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from __future__ import annotations
 from .cases import LABELS, MODALITIES, MODALITY_ALIASES, make_case
 from .dataset import make_dataset
 from .geometry import NOMINAL_SPACING_MM, ORIENTATIONS
+from .tumor import make_tumor_dataset
 
 __all__ = [
     "LABELS",
@@ -52,4 +55,5 @@ __all__ = [
     "NOMINAL_SPACING_MM",
     "make_case",
     "make_dataset",
+    "make_tumor_dataset",
 ]

@@ -54,8 +54,9 @@ class MaskedDiceCE(torch.nn.Module):
         self.dice = MaskedDiceLoss(include_background=self.sigmoid, to_onehot_y=not self.sigmoid, softmax=not self.sigmoid,
                                    sigmoid=self.sigmoid, batch=True)
 
-    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        valid = label != IGNORE_INDEX  # (B, 1, *spatial)
+    def forward(self, logits: torch.Tensor, label: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``valid`` (B, 1, *spatial) bool: the annotated voxels (default: ``label != IGNORE_INDEX``)."""
+        valid = label != IGNORE_INDEX if valid is None else valid.bool()
         index = torch.where(valid, label, torch.zeros_like(label)).long()  # ignored voxels: a constant from here on
         mask = valid.to(logits.dtype)
         if self.regions is not None:

@@ -14,7 +14,8 @@ from tests import browser
 from volseg import viz
 from volseg.viz.niivue import cache_dir
 
-pytestmark = pytest.mark.skipif(browser.missing() is not None, reason=str(browser.missing()))
+# a browser start and a software-GL render take 10-30 s on 2 cores: slow tier (make test and CI run it)
+pytestmark = [pytest.mark.skipif(browser.missing() is not None, reason=str(browser.missing())), pytest.mark.slow]
 
 SHOTS = Path(os.environ.get("VOLSEG_SCREENSHOTS", "")) if os.environ.get("VOLSEG_SCREENSHOTS") else None
 LIVER, TUMOUR = (31, 119, 180), (255, 127, 14)  # tab10, as label_table gives them
@@ -105,3 +106,26 @@ def test_viewer_draws_scan_and_overlay_and_toggles_a_label_offline(page):
         assert not outside, f"the page asked the network for {outside[:5]}"
         errors = [e["message"] for e in d.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
+
+
+def test_report_viewer_opens_offline_and_switches_cases(niivue, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from tests.test_viewer import _evaluated_run
+    from volseg.evaluation import write_report
+
+    report = write_report(_evaluated_run(tmp_path, n=2), n_cases=0)
+    with browser.chromium() as d:
+        browser.requested_urls(d)
+        d.get(report.as_uri())
+        assert browser.wait_ready(d) == "ready", d.execute_script("return document.querySelector('.vs-status').textContent")
+        first = d.execute_script("return document.getElementById('volseg-viewer').dataset.case")
+        other = next(o.text for o in Select(d.find_element(By.CSS_SELECTOR, ".vs-case")).options if o.text != first)
+        Select(d.find_element(By.CSS_SELECTOR, ".vs-case")).select_by_visible_text(other)
+        assert browser.wait_ready(d) == "ready"
+        assert d.execute_script("return document.getElementById('volseg-viewer').dataset.case") == other
+        assert "liver" in d.find_element(By.CSS_SELECTOR, ".vs-labels").text  # names from the run folder
+        assert _greys(_shot(d, "report_case")).sum() > 1000
+        asked = browser.requested_urls(d, document="file:")
+        assert report.as_uri() in asked and not [u for u in asked if not u.startswith(("file:", "data:", "blob:"))]

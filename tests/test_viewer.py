@@ -174,3 +174,34 @@ def test_volseg_view_writes_a_page_and_refuses_bad_input(tmp_path, stub_script, 
     assert main(["view", str(tmp_path / "scan.nii.gz"), "--mask", str(tmp_path / "other.nii.gz")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "layers differ in size" in err and "(8, 7, 5)" in err
+
+
+def test_niivue_script_sources(tmp_path, monkeypatch):
+    monkeypatch.setenv("VOLSEG_CACHE_DIR", str(tmp_path / "cache"))
+    fake = tmp_path / "niivue.umd.js"
+    fake.write_text('(function(){ /* niivue */ var x = {name:"@niivue/niivue",version:"9.9.9"}; window.niivue = {Niivue: 1}; })();', encoding="utf-8")
+    monkeypatch.setenv("VOLSEG_NIIVUE_JS", str(fake))
+    assert viz.niivue_script().version == "9.9.9"
+    fake.write_text("console.log('something else')", encoding="utf-8")
+    with pytest.raises(viz.ViewerError, match="is not NiiVue's UMD build"):
+        viz.niivue_script()
+    monkeypatch.setenv("VOLSEG_NIIVUE_JS", str(tmp_path / "nope.js"))
+    with pytest.raises(viz.ViewerError, match="nope.js: no such file"):
+        viz.niivue_script()
+    monkeypatch.delenv("VOLSEG_NIIVUE_JS")
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no npm, nothing cached
+    with pytest.raises(viz.ViewerError, match=r"install npm .* or set VOLSEG_NIIVUE_JS"):
+        viz.niivue_script()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("npm") is None, reason="npm is not installed")
+def test_niivue_script_comes_from_npm_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("VOLSEG_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("VOLSEG_NIIVUE_JS", raising=False)
+    script = viz.niivue_script()
+    assert script.version == viz.NIIVUE_VERSION and "Niivue" in script.text and len(script.text) > 1_000_000
+    cached = tmp_path / "niivue" / viz.NIIVUE_VERSION / "niivue.umd.js"
+    assert script.source == str(cached) and cached.is_file()
+    monkeypatch.setattr("shutil.which", lambda name: None)  # the second time needs no npm
+    assert viz.niivue_script().text == script.text

@@ -76,10 +76,11 @@ def _npm_pack(version: str) -> bytes:
             f"into {cache_dir()}, or set VOLSEG_NIIVUE_JS to a niivue.umd.js file."
         )
     with tempfile.TemporaryDirectory(prefix="volseg-npm-") as tmp:
-        cmd = [npm, "pack", f"{NPM_PACKAGE}@{version}", "--pack-destination", tmp, "--silent"]
+        # few, short retries: offline, npm would otherwise wait minutes before giving up
+        cmd = [npm, "pack", f"{NPM_PACKAGE}@{version}", "--pack-destination", tmp, "--silent", "--fetch-retries=1", "--fetch-timeout=60000"]
         log.info("fetching %s@%s with npm pack (once; cached in %s)", NPM_PACKAGE, version, cache_dir())
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp, check=False)
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ViewerError(f"npm pack {NPM_PACKAGE}@{version} failed: {exc}.") from exc
         tarballs = sorted(Path(tmp).glob("*.tgz"))

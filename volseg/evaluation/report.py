@@ -88,10 +88,10 @@ def _cases_table(result: EvaluationResult) -> str:
     return _table(head, [[r["case"], r["class"]] + [_num(r[m], _digits(m)) for m in METRICS + VOLUMES] for r in rows])
 
 
-def _case_figures(result: EvaluationResult, n_cases: int) -> str:
+def _case_figures(result: EvaluationResult, cases: Sequence[str]) -> str:
     parts = []
     by_case = {r["case"]: r for r in result.rows}
-    for case in worst_cases(result.rows)[:n_cases]:
+    for case in cases:
         r = by_case[case]
         pred, truth, image = r.get("pred_path"), r.get("truth_path"), r.get("image_path")
         if not pred or not truth:
@@ -126,8 +126,9 @@ def write_report(
 
     Sections: training curves from ``run_dir/metrics.csv``; the evaluation summary (mean ± sd per
     class and metric) and per-case table, worst case first, from ``eval_dir`` (default
-    ``run_dir/eval``, as written by :func:`~volseg.evaluation.evaluate`); error maps and
-    overlays of the ``n_cases`` worst cases when their files are recorded; then, with
+    ``run_dir/eval``, as written by :func:`~volseg.evaluation.evaluate`) with a dice-per-class
+    plot; error maps and overlays of the ``n_cases`` worst cases and of the best one when their
+    files are recorded; then, with
     ``viewer``, the interactive viewer of ``cases`` (default: every evaluated case, worst first;
     an unknown name raises :class:`EvaluationError`), labels named as in the run folder. The
     page is at most ``max_bytes`` long (default 25 MB): viewer cases are cropped, subsampled or
@@ -158,8 +159,11 @@ def write_report(
         body.append(f"<p class=note>{html.escape(str(exc))}</p>")
         result = None
     else:
-        body += [_summary_table(result), "<h3>Cases, worst first</h3>", _cases_table(result),
-                 "<h2>Worst cases</h2>", _case_figures(result, n_cases)]  # fmt: skip
+        order = worst_cases(result.rows)
+        body += [_summary_table(result), _img(viz.plot_metric_per_class(result.rows, "dice"), "dice per class"),
+                 "<h3>Cases, worst first</h3>", _cases_table(result), "<h2>Worst cases</h2>", _case_figures(result, order[:n_cases])]  # fmt: skip
+        if n_cases > 0 and len(order) > n_cases:
+            body += ["<h2>Best case</h2>", _case_figures(result, order[-1:])]
     head = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>volseg report: {html.escape(run_dir.name)}</title><style>{_CSS}</style></head><body>"
     page = head + "\n".join(body)
     if viewer and result is not None:

@@ -119,11 +119,15 @@ def _box(masks: List[np.ndarray], shape: Tuple[int, ...], margin: Tuple[int, int
     return tuple(box)
 
 
-def _sample_min(img: sitk.Image) -> float:
-    """The minimum over every 4th voxel of the whole scan (air outside a CT crop is what tells HU)."""
+def _looks_like_ct(img: sitk.Image) -> bool:
+    """Whole-number values reaching below -500 (air in HU) over every 4th voxel of the whole
+    scan: the air outside the crop is what tells a CT in HU apart from other scans."""
     import SimpleITK as sitk
 
-    return float(sitk.GetArrayViewFromImage(img)[::4, ::4, ::4].min())
+    sample = sitk.GetArrayViewFromImage(img)[::4, ::4, ::4]
+    if not sample.size or float(sample.min()) > -500:
+        return False
+    return sample.dtype.kind == "i" or bool(np.array_equal(sample, np.round(sample)))
 
 
 def _nifti_b64(img: sitk.Image, dtype: type, label: bool) -> str:
@@ -220,7 +224,7 @@ def pack_case(
             raise ViewerError(f"{name} scan: holds NaN or infinite values; the viewer cannot window it.")
         lo, hi = np.percentile(arr, [1, 99]) if arr.size else (0.0, 1.0)
         stats.update(arr=arr, range=(float(arr.min()), float(arr.max())), window=(float(lo), float(hi if hi > lo else lo + 1)),
-                     ct=bool(arr.dtype.kind == "i" and _sample_min(img) <= -500))  # fmt: skip
+                     ct=_looks_like_ct(img))  # fmt: skip
     for step in range(1, max_step + 1):
         case = _encode(name, img, p, t, box, step, stats)
         if max_bytes is None or case.nbytes <= max_bytes:

@@ -205,3 +205,11 @@ def test_niivue_script_comes_from_npm_once(tmp_path, monkeypatch):
     assert script.source == str(cached) and cached.is_file()
     monkeypatch.setattr("shutil.which", lambda name: None)  # the second time needs no npm
     assert viz.niivue_script().text == script.text
+
+
+def test_a_label_value_without_a_name_is_still_shown(stub_script, caplog):
+    lab = np.zeros((6, 8, 8), dtype=np.uint8)
+    lab[2:4, 2:4, 2:4] = 1
+    lab[4, 5, 5] = 7
+    html = viz.viewer_section([viz.pack_case("c", None, lab)], {1: "liver"}, stub_script)
+    assert '{"value":7,"name":"label 7 (unnamed)","color":' in html and "label value 7 is in the masks" in caplog.text

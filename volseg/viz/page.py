@@ -78,7 +78,13 @@ def viewer_section(cases: Sequence[ViewerCase], labels: Mapping[int, str], scrip
     script = script or niivue_script()
     own = resources.files("volseg.viz").joinpath("viewer.js").read_text(encoding="utf-8")
     js = script.text.replace("</script", "<\\/script")
-    data = {"labels": label_table(labels), "cases": [c.to_json() for c in cases], "ct_windows": {k: list(v) for k, v in CT_WINDOWS.items()}}
+    # a value the masks hold but the names miss still gets a colour and a checkbox: hiding it
+    # would show a cleaner mask than the file is
+    names = {int(k): str(v) for k, v in labels.items()}
+    for v in sorted({v for c in cases for v in c.label_values} - set(names)):
+        log.warning("label value %d is in the masks but not in the label names %s; shown as 'label %d (unnamed)'.", v, sorted(names), v)
+        names[v] = f"label {v} (unnamed)"
+    data = {"labels": label_table(names), "cases": [c.to_json() for c in cases], "ct_windows": {k: list(v) for k, v in CT_WINDOWS.items()}}
     return (
         f"<div id=volseg-viewer data-state=loading>{_controls()}"
         f"<p class=note>Drag to move the crosshair, scroll to change slice, right-drag to window; in 3D drag to rotate. "

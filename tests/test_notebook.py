@@ -67,8 +67,15 @@ def test_notebook_runs_from_its_folder_on_a_real_run(evaluated_run, monkeypatch)
     n_cases = len({r["case"] for r in load_results(eval_dir).rows})
     # training curves + (overlay + error map) per drawn case
     assert len(pngs) >= 1 + 2 * min(n_cases, 3), json.dumps([repr(o.get("data", {}).keys()) for o in outputs])
-    browser = outputs[-1].get("data", {})  # a slider with ipywidgets, else a static montage
+    browser = outputs[-2].get("data", {})  # a slider with ipywidgets, else a static montage
     assert "application/vnd.jupyter.widget-view+json" in browser or "image/png" in browser
+    viewer = outputs[-1].get("data", {})  # NiiVue with ipyniivue (the viewer extra), else a static overlay
+    try:
+        import ipyniivue  # noqa: F401
+
+        assert "application/vnd.jupyter.widget-view+json" in viewer
+    except ImportError:
+        assert "image/png" in viewer
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     order = load_results(eval_dir).worst_cases()
     assert [html.index(c) for c in order] == sorted(html.index(c) for c in order)  # worst case first

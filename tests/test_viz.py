@@ -90,3 +90,13 @@ def test_write_report(tmp_path, volumes):
     # no evaluation folder: still a report, with a note
     out = write_report(run, eval_dir=tmp_path / "nowhere", output=tmp_path / "r.html")
     assert "metrics.csv: no such file" in out.read_text(encoding="utf-8")
+
+
+def test_plot_metric_per_class_counts_nan():
+    rows = [{"class": "liver", "dice": 0.9}, {"class": "liver", "dice": 0.8}, {"class": "tumour", "dice": float("nan")}, {"class": "tumour", "dice": 0.4}]
+    fig = viz.plot_metric_per_class(rows, "dice")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["liver", "tumour\n(1 NaN)"]
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 3  # one dot per finite value
+    with pytest.raises(ValueError, match="no rows to plot 'dice'"):
+        viz.plot_metric_per_class([], "dice")

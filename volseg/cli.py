@@ -204,8 +204,28 @@ def cmd_evaluate(args) -> int:
 def cmd_report(args) -> int:
     from .evaluation import write_report
 
-    path = write_report(args.run_dir, eval_dir=args.eval_dir, output=args.output)
+    path = write_report(args.run_dir, eval_dir=args.eval_dir, output=args.output, viewer=not args.no_viewer, cases=args.cases)
     print(f"report: {path}")
+    return 0
+
+
+def cmd_view(args) -> int:
+    from .viz import write_viewer
+
+    labels = None
+    if args.labels:  # a manifest, or a run folder (its dataset.json holds the labels training saw)
+        from .data.manifest import load_manifest
+
+        src = Path(args.labels)
+        labels = dict(load_manifest(src / "dataset.json" if src.is_dir() else src).labels)
+    scan = Path(args.scan)
+    out = args.output or scan.parent / f"{scan.name.split('.')[0]}_view.html"
+    path = write_viewer(out, scan, args.mask, args.truth, labels=labels, name=scan.name)
+    print(f"viewer: {path}")
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(Path(path).resolve().as_uri())
     return 0
 
 
@@ -243,6 +263,7 @@ EXAMPLES = {
     "evaluate": "volseg evaluate --pred preds/ --truth data/dataset.json --output runs/ct/eval",
     "report": "volseg report runs/ct --eval-dir runs/ct/eval",
     "export": "volseg export runs/ct --format onnx",
+    "view": "volseg view scans/ct_001.nii.gz --mask preds/ct_001_seg.nii.gz --truth labels/ct_001.nii.gz --open",
 }
 
 
@@ -335,7 +356,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("--eval-dir", help="evaluation folder (default: RUN_DIR/eval)")
     s.add_argument("--output", help="HTML file (default: RUN_DIR/report.html)")
+    s.add_argument("--cases", nargs="+", metavar="CASE", help="cases for the 3D viewer (default: every evaluated case, worst first)")
+    s.add_argument("--no-viewer", action="store_true", help="static report only (no embedded 3D viewer)")
     s.set_defaults(func=cmd_report)
+
+    s = _command(sub, "view", help="write a self-contained 3D viewer page of one scan with its mask and truth")
+    s.add_argument("scan", help="scan file or DICOM folder")
+    s.add_argument("--mask", help="predicted label map on the scan's grid")
+    s.add_argument("--truth", help="reference label map on the scan's grid")
+    s.add_argument("--labels", help="manifest (dataset.json) or run folder whose labels name the classes")
+    s.add_argument("--output", help="HTML file (default: <scan name>_view.html beside the scan)")
+    s.add_argument("--open", action="store_true", help="open the page in the default browser")
+    s.set_defaults(func=cmd_view)
 
     s = _command(sub, "export", help="export the network for deployment (TorchScript or ONNX)")
     s.add_argument("run_dir")
@@ -357,10 +389,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .data.io import ImageReadError, UnsafeOutputError
     from .data.manifest import ManifestError
     from .evaluation import EvaluationError
+    from .viz import ViewerError
 
     try:
         return args.func(args)
-    except (ConfigError, ManifestError, ImageReadError, UnsafeOutputError, EvaluationError, OSError) as exc:
+    except (ConfigError, ManifestError, ImageReadError, UnsafeOutputError, EvaluationError, ViewerError, OSError) as exc:
         # OSError: missing files, permissions, a file where a folder should be, a full disk;
         # its message names the path
         if args.verbose:

@@ -1,6 +1,9 @@
-"""A self-contained HTML report of a run: training curves, evaluation tables, worst cases.
+"""A self-contained HTML report of a run: training curves, evaluation tables, worst cases,
+then an interactive 3D viewer of the evaluated cases (NiiVue, :mod:`volseg.viz.page`).
 
-Images are embedded as base64 PNG, so the single file can be mailed or archived.
+Images are embedded as base64 PNG and the viewer's script and volumes as text, so the single
+file can be mailed or archived and opens offline; the whole page stays under ``max_bytes``.
+The static part comes first and prints to PDF; the viewer is left out of print.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import io
 import logging
 import math
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Union
 
 from .. import viz
 from ..data.io import atomic_write
 from .files import load_results
 from .metrics import METRICS, VOLUMES, EvaluationError, EvaluationResult, worst_cases
+from .report_viewer import pick_cases, run_labels, viewer_html
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,7 @@ table{border-collapse:collapse;margin:1em 0;font-size:0.9em}
 th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f0f0f0} td:first-child,th:first-child{text-align:left}
 img{max-width:100%} .note{color:#777} pre{background:#f7f7f7;padding:1em;overflow:auto}
-"""
+""" + viz.VIEWER_CSS
 
 
 def _img(fig, alt: str) -> str:
@@ -84,10 +88,10 @@ def _cases_table(result: EvaluationResult) -> str:
     return _table(head, [[r["case"], r["class"]] + [_num(r[m], _digits(m)) for m in METRICS + VOLUMES] for r in rows])
 
 
-def _case_figures(result: EvaluationResult, n_cases: int) -> str:
+def _case_figures(result: EvaluationResult, cases: Sequence[str]) -> str:
     parts = []
     by_case = {r["case"]: r for r in result.rows}
-    for case in worst_cases(result.rows)[:n_cases]:
+    for case in cases:
         r = by_case[case]
         pred, truth, image = r.get("pred_path"), r.get("truth_path"), r.get("image_path")
         if not pred or not truth:
@@ -109,14 +113,27 @@ def _case_figures(result: EvaluationResult, n_cases: int) -> str:
     return "".join(parts)
 
 
-def write_report(run_dir: PathLike, eval_dir: Optional[PathLike] = None, output: Optional[PathLike] = None, n_cases: int = 3) -> Path:
+def write_report(
+    run_dir: PathLike,
+    eval_dir: Optional[PathLike] = None,
+    output: Optional[PathLike] = None,
+    n_cases: int = 3,
+    viewer: bool = True,
+    cases: Optional[Sequence[str]] = None,
+    max_bytes: int = viz.MAX_PAGE_BYTES,
+) -> Path:
     """Write an HTML report of ``run_dir`` and return its path.
 
     Sections: training curves from ``run_dir/metrics.csv``; the evaluation summary (mean ± sd per
     class and metric) and per-case table, worst case first, from ``eval_dir`` (default
-    ``run_dir/eval``, as written by :func:`~volseg.evaluation.evaluate`); error maps and
-    overlays of the ``n_cases`` worst cases when their files are recorded. A missing part is
-    noted in the report, not an error. ``output`` defaults to ``run_dir/report.html``.
+    ``run_dir/eval``, as written by :func:`~volseg.evaluation.evaluate`) with a dice-per-class
+    plot; error maps and overlays of the ``n_cases`` worst cases and of the best one when their
+    files are recorded; then, with
+    ``viewer``, the interactive viewer of ``cases`` (default: every evaluated case, worst first;
+    an unknown name raises :class:`EvaluationError`), labels named as in the run folder. The
+    page is at most ``max_bytes`` long (default 25 MB): viewer cases are cropped, subsampled or
+    left out (with a note) to fit. A missing part is noted in the report, not an error.
+    ``output`` defaults to ``run_dir/report.html``.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -140,15 +157,21 @@ def write_report(run_dir: PathLike, eval_dir: Optional[PathLike] = None, output:
         result = load_results(eval_dir)
     except EvaluationError as exc:
         body.append(f"<p class=note>{html.escape(str(exc))}</p>")
+        result = None
     else:
-        body += [_summary_table(result), "<h3>Cases, worst first</h3>", _cases_table(result),
-                 "<h2>Worst cases</h2>", _case_figures(result, n_cases)]  # fmt: skip
-    page = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
-        f"<title>volseg report: {html.escape(run_dir.name)}</title><style>{_CSS}</style></head><body>"
-        + "\n".join(body)
-        + "</body></html>\n"
-    )
+        order = worst_cases(result.rows)
+        body += [_summary_table(result), _img(viz.plot_metric_per_class(result.rows, "dice"), "dice per class"),
+                 "<h3>Cases, worst first</h3>", _cases_table(result), "<h2>Worst cases</h2>", _case_figures(result, order[:n_cases])]  # fmt: skip
+        if n_cases > 0 and len(order) > n_cases:
+            body += ["<h2>Best case</h2>", _case_figures(result, order[-1:])]
+    head = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>volseg report: {html.escape(run_dir.name)}</title><style>{_CSS}</style></head><body>"
+    page = head + "\n".join(body)
+    if viewer and result is not None:
+        names = pick_cases(result, cases)
+        page += "\n<h2>Viewer</h2>\n" + viewer_html(result, run_labels(run_dir, result.labels), names, max_bytes - len(page) - 100)
+    page += "</body></html>\n"
+    if len(page) > max_bytes:
+        log.warning("%s: %.1f MB, over the %.1f MB cap (the static part alone is that big).", output, len(page) / 1e6, max_bytes / 1e6)
     with atomic_write(output) as tmp:
         tmp.write_text(page, encoding="utf-8")
     log.info("wrote %s", output)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .data.io import atomic_write, read_image
+from ..data.io import atomic_write, read_image
 
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk

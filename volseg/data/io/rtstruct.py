@@ -74,7 +74,7 @@ def write_rtstruct(labels: np.ndarray, image, folder: PathLike, path: PathLike, 
     value of ``label_names`` (named by it), contours on the source slices."""
     from pydicom.dataset import FileMetaDataset
     from pydicom.sequence import Sequence
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
     slices = sorted(source_slices(Path(folder), image), key=lambda t: t[0])
     first = slices[0][1]

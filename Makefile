@@ -24,7 +24,7 @@ $(BIN)/activate:
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install -q $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install -q -e '.[test,notebook,dev,viewer]'
+	$(BIN)/pip install -q -e '.[test,notebook,dev,viewer,dicom]'
 	touch $@
 
 setup: $(VENV)/.installed

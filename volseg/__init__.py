@@ -44,6 +44,7 @@ _API = {
     "collect_inputs": "volseg.inference",
     "infer_many": "volseg.inference",
     "export": "volseg.inference.export",
+    "statistics": "volseg.stats",
     "train": "volseg.training",
     "evaluate": "volseg.evaluation",
     "evaluate_cv": "volseg.evaluation.cv",

@@ -164,11 +164,14 @@ def cmd_infer(args) -> int:
     from . import distributed
     from .inference import collect_inputs, infer_many
     from .inference.batch import summary_path
+    from .inference.inputs import parse_formats
 
     overrides = _infer_overrides(args)
+    formats = parse_formats(args.format)
     jobs = collect_inputs(args.inputs, args.output)
     model = args.model[0] if len(args.model) == 1 else args.model
-    failures = infer_many(jobs, model, device=args.device, overrides=overrides, probabilities=args.probabilities, progress=_progress(args))
+    failures = infer_many(jobs, model, device=args.device, overrides=overrides, probabilities=args.probabilities, progress=_progress(args),
+                          formats=formats, statistics=args.statistics)
     if not distributed.is_main():
         # rank 0 reports every rank's scans and sets the exit status: torchrun stops all ranks
         # as soon as one exits non-zero, which would cut rank 0 off while it merges the summary
@@ -339,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, help="shortcut for --set infer.batch_size=N: windows per forward pass")
     s.add_argument("--tta", action="store_true", help="shortcut for --set infer.tta=true: mirroring test-time augmentation")
     s.add_argument("--probabilities", action="store_true", help="also write class probabilities (<case>_prob.nii.gz: 4D uint8 with scl_slope 1/255; readers get floats in [0, 1])")
+    s.add_argument("--format", default="nifti", metavar="F[,F...]",
+                   help="mask formats, comma-separated: nifti (<case>_seg.nii.gz), dicom-seg (<case>_seg.dcm), rtstruct (<case>_rtstruct.dcm); "
+                        "the DICOM ones need DICOM series inputs and pip install 'volseg[dicom]' (default: %(default)s)")
+    s.add_argument("--statistics", action="store_true",
+                   help="also write per-label volume, intensity (HU for CT), bounding box, centroid and components: <case>_stats.json, and statistics.csv for the batch")
     s.set_defaults(func=cmd_infer)
 
     s = _command(sub, "evaluate", help="Dice, IoU, HD95, ASSD, NSD and volumes of predictions against ground truth")

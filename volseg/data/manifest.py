@@ -145,6 +145,12 @@ def load_manifest(path: Union[str, Path]) -> Manifest:
         problems.append(f"'modality' keys must be 0..N-1, got {sorted(modality)}")
     if 0 not in labels:
         problems.append(f"'labels' must declare 0 (background), got {labels}")
+    unnamed = {k: n for k, n in raw["labels"].items() if n is None or not str(n).strip()}
+    if unnamed:  # the names travel into outputs (DICOM SegmentLabel/ROIName, statistics, reports): a value alone says nothing
+        problems.append(f"'labels' {unnamed} have no name; give each label a name, e.g. \"1\": \"liver\"")
+    dup_names = sorted({n for n in labels.values() if list(labels.values()).count(n) > 1})
+    if dup_names:
+        problems.append(f"'labels' names {dup_names} are given to several values; each label needs its own name (statistics and DICOM segments are keyed by it)")
     if len(labels) < 2:
         problems.append(f"'labels' must declare at least one foreground class, got {labels}")
     if len(labels) > MAX_CLASSES:

@@ -17,7 +17,8 @@ import numpy as np
 from ..data.io import atomic_write, write_text
 from ..metrics import load_label_pair
 from .cases import LabelsArg, PathLike, _collect, _image_paths, _is_manifest, _labels_from, _match, _references, _regions_from
-from .metrics import CSV_COLUMNS, METRICS, VOLUMES, EvaluationError, EvaluationResult, evaluate_case, summarize
+from .figures import case_figures
+from .metrics import CSV_COLUMNS, FIGURES, METRICS, VOLUMES, EvaluationError, EvaluationResult, evaluate_case, summarize
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,10 @@ def evaluate_pairs(pairs: Sequence[Tuple[str, PathLike, PathLike, PathLike]], la
         if unknown:
             log.warning("%s: label values %s are not in labels %s; ignored.", name, sorted(unknown), sorted(label_map))
         paths = dict(pred_path=str(pred_path), truth_path=str(truth_path), image_path=str(image_path))
+        figures = case_figures(p_arr, t_arr, str(image_path), label_map, name)
+        blank = dict.fromkeys(FIGURES)  # region rows have no per-label figures
         scored = evaluate_case(p_arr, t_arr, spacing, label_map, tolerance_mm, regions)
-        case_rows = [{k: {**row, "case": name, **paths}[k] for k in CSV_COLUMNS} for row in scored]
+        case_rows = [{k: {**row, **blank, **figures.get(row["label"], {}), "case": name, **paths}[k] for k in CSV_COLUMNS} for row in scored]
         log.info("%s: dice %s", name, ", ".join(f"{r['class']}={r['dice']:.3f}" for r in case_rows))
         rows += case_rows
 
@@ -161,7 +164,7 @@ def load_results(eval_dir: PathLike) -> EvaluationResult:
     with open(csv_path, newline="", encoding="utf-8") as fh:
         for r in csv.DictReader(fh):
             row = {"case": r["case"], "label": int(r["label"]), "class": r["class"]}
-            row.update({k: float(r[k]) if r.get(k) not in (None, "") else math.nan for k in METRICS + VOLUMES})
+            row.update({k: float(r[k]) if r.get(k) not in (None, "") else math.nan for k in METRICS + VOLUMES + FIGURES})
             row.update({k: os.path.normpath(base / r[k]) if r.get(k) else "" for k in _PATH_COLUMNS})
             rows.append(row)
     labels = {r["label"]: r["class"] for r in rows}

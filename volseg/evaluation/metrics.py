@@ -39,6 +39,7 @@ from ..metrics import EvaluationError
 __all__ = [
     "METRICS",
     "VOLUMES",
+    "FIGURES",
     "CSV_COLUMNS",
     "EvaluationError",
     "EvaluationResult",
@@ -50,7 +51,9 @@ __all__ = [
 
 METRICS: Tuple[str, ...] = ("dice", "iou", "hd95", "assd", "nsd")
 VOLUMES: Tuple[str, ...] = ("volume_pred_ml", "volume_true_ml")
-CSV_COLUMNS: Tuple[str, ...] = ("case", "label", "class") + METRICS + VOLUMES + ("pred_path", "truth_path", "image_path")
+# the structure figures (.figures): components of each mask, mean intensity under it when the scan is known
+FIGURES: Tuple[str, ...] = ("mean_pred", "mean_true", "components_pred", "components_true")
+CSV_COLUMNS: Tuple[str, ...] = ("case", "label", "class") + METRICS + VOLUMES + FIGURES + ("pred_path", "truth_path", "image_path")
 EMPTY_CONVENTION = (
     "both masks empty: dice=iou=nsd=1, hd95=assd=0; exactly one empty: dice=iou=nsd=0, "
     "hd95=assd=NaN (kept per case, excluded from means, counted as n_nan)"
@@ -179,7 +182,8 @@ def summarize(rows: Sequence[dict], labels: Mapping[int, str], tolerance_mm: flo
         if int(value) == 0:
             continue
         sel = [r for r in rows if int(r["label"]) == int(value)]
-        classes[str(name)] = {"label": int(value), **{m: _stats([r[m] for r in sel]) for m in METRICS}}
+        classes[str(name)] = {"label": int(value), **{m: _stats([r[m] for r in sel]) for m in METRICS},
+                              "figures": {f: _stats([r.get(f) for r in sel]) for f in VOLUMES + FIGURES}}
     dice_means = [c["dice"]["mean"] for c in classes.values() if c["dice"]["mean"] is not None]
     return {
         "n_cases": len({r["case"] for r in rows}),
@@ -199,11 +203,16 @@ def worst_cases(rows: Sequence[dict]) -> List[str]:
     return sorted(per_case, key=lambda c: (float(np.nanmean(per_case[c])), c))
 
 
+def _pair(figures: dict, a: str, b: str) -> str:
+    """``"pred / true"`` class means of two figures, ``-`` where none."""
+    return " / ".join("-" if figures.get(k, {}).get("mean") is None else f"{figures[k]['mean']:.4g}" for k in (a, b))
+
+
 def format_summary_table(result: Union[EvaluationResult, dict]) -> str:
     """Plain-text table (classes x metrics, ``mean ± sd``) of an :class:`EvaluationResult` or a
     ``summary.json`` dict; NaN counts are shown next to the values they were excluded from."""
     summary = result.summary if isinstance(result, EvaluationResult) else result
-    heads = ["class", "n"] + [f"{m} (mm)" if m in ("hd95", "assd") else m for m in METRICS]
+    heads = ["class", "n"] + [f"{m} (mm)" if m in ("hd95", "assd") else m for m in METRICS] + ["volume ml pred/true", "mean pred/true"]
     lines = []
     for name, c in summary["classes"].items():
         cells = [name, str(max(c[m]["n"] + c[m]["n_nan"] for m in METRICS))]
@@ -211,6 +220,8 @@ def format_summary_table(result: Union[EvaluationResult, dict]) -> str:
             s, digits = c[m], 2 if m in ("hd95", "assd") else 3
             cell = "-" if s["mean"] is None else f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f}"
             cells.append(cell + (f" ({s['n_nan']} NaN)" if s["n_nan"] else ""))
+        fig = c.get("figures", {})  # summaries written before the figures have none
+        cells += [_pair(fig, "volume_pred_ml", "volume_true_ml"), _pair(fig, "mean_pred", "mean_true")]
         lines.append(cells)
     widths = [max(len(r[i]) for r in [heads] + lines) for i in range(len(heads))]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731

@@ -29,7 +29,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 from .. import distributed
 from ..data.io import ImageReadError
 from ..runtime import resolve_device
-from .inputs import SUMMARY_NAME, Job, check_outputs, collect_inputs, summary_path
+from .inputs import STATISTICS_NAME, SUMMARY_NAME, Job, check_formats, check_outputs, collect_inputs, summary_path
 from .predictor import Predictor
 from .ranks import RANK_STALL_S, RANKS_DIR, _finish, _RankLog, _read_ranks, _shard_table, _write_summary, scan_voxels, shard
 from .scan import _error_line, _read, _segment
@@ -49,6 +49,8 @@ def infer_many(
     checkpoint: str = "best",
     prefetch: bool = True,
     stall_s: float = RANK_STALL_S,
+    formats: Sequence[str] = ("nifti",),
+    statistics: bool = False,
 ) -> List[Tuple[Job, str]]:
     """Segment every job with the run in ``model``; return ``[(job, error message)]``.
 
@@ -58,10 +60,14 @@ def infer_many(
     ``prefetch``: read and preprocess the next scan in a background thread while the network
     runs on the current one (at most one scan ahead). ``stall_s``: how long rank 0 waits for a
     rank that reports no progress (no scan finished) before it writes the summary without it.
+    ``formats``: any of ``nifti``, ``dicom-seg``, ``rtstruct`` (the DICOM ones only for DICOM
+    series inputs: checked before the model loads, :func:`~.inputs.check_formats`);
+    ``statistics``: also ``<case>_stats.json`` per scan and ``statistics.csv`` for the batch.
     """
     if not jobs:
         return []
-    check_outputs(jobs)
+    formats = check_formats(jobs, formats)
+    check_outputs(jobs, formats, probabilities, statistics)
     own_group = distributed.launched() and distributed.world_size() == 1  # under torchrun, group not joined yet
     if own_group:
         # gloo even on CUDA: the group's only traffic is one small broadcast (the shards) at the
@@ -76,9 +82,12 @@ def infer_many(
         mine = [i for i, r in enumerate(table["ranks"]) if r == rank]
         log.info("rank %d of %d: %d of %d scan(s) on %s", rank, world, len(mine), len(jobs), pred.device)
         refresh = (lambda: _write_summary(out, jobs, table, pred, _read_ranks(ranklog.folder, table["token"], world))) if rank == 0 else None
-        records = _run_share(pred, jobs, mine, table, ranklog, probabilities, prefetch, progress and rank == 0, refresh)
+        writes = {"probabilities": probabilities, "formats": formats, "statistics": statistics}
+        records = _run_share(pred, jobs, mine, table, ranklog, writes, prefetch, progress and rank == 0, refresh)
         if rank == 0:
             records = _finish(out, jobs, table, pred, ranklog.folder, world, stall_s)
+            if statistics:
+                _write_statistics_csv(out.parent / STATISTICS_NAME, [jobs[r["index"]] for r in records if r["status"] == "ok"])
         return [(jobs[r["index"]], r.get("error") or r["status"]) for r in records if r["status"] != "ok"]
     finally:
         if own_group:
@@ -94,7 +103,18 @@ def _load_predictor(model, device: str, checkpoint: str, overrides: Optional[dic
     return Predictor.from_run(model, device=dev, checkpoint=checkpoint, overrides=overrides, progress=progress and distributed.is_main())
 
 
-def _run_share(pred, jobs, mine, table, ranklog: _RankLog, probabilities: bool, prefetch: bool, progress: bool, refresh) -> List[dict]:
+def _write_statistics_csv(path: Path, jobs: Sequence[Job]) -> None:
+    """The batch's ``statistics.csv`` from its scans' ``<case>_stats.json`` (every rank's)."""
+    import json
+
+    from ..data.io import write_text
+    from ..stats import statistics_csv
+
+    write_text(path, statistics_csv([json.loads(j.stats.read_text(encoding="utf-8")) for j in jobs if j.stats.is_file()]))
+    log.info("wrote %s", path)
+
+
+def _run_share(pred, jobs, mine, table, ranklog: _RankLog, writes: dict, prefetch: bool, progress: bool, refresh) -> List[dict]:
     """Segment ``jobs[i] for i in mine`` in order, the next scan's read overlapping the current
     scan's network when ``prefetch``; a failure is recorded and the share goes on."""
     from concurrent.futures import ThreadPoolExecutor
@@ -115,7 +135,7 @@ def _run_share(pred, jobs, mine, table, ranklog: _RankLog, probabilities: bool, 
                 loaded["wait_s"] = time.perf_counter() - t  # the read time prefetching did not hide
                 if pool and n + 1 < len(mine):  # only now: at most one scan ahead in memory
                     ahead = pool.submit(_read, pred, jobs[mine[n + 1]], clock)
-                rec.update(_segment(pred, job, loaded, probabilities, clock), status="ok")
+                rec.update(_segment(pred, job, loaded, writes["probabilities"], clock, writes["formats"], writes["statistics"]), status="ok")
             except Exception as exc:  # noqa: BLE001 - one scan's failure, whatever it is, must not end the batch
                 rec.update(status="failed", error=_error_line(exc))
                 (log.error if isinstance(exc, (ImageReadError, ValueError, RuntimeError, OSError)) else log.exception)("%s: %s", job.name, rec["error"])

@@ -14,9 +14,11 @@ from ..data.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Job", "collect_inputs", "check_outputs", "summary_path", "SUMMARY_NAME"]
+__all__ = ["Job", "collect_inputs", "check_outputs", "check_formats", "parse_formats", "summary_path", "SUMMARY_NAME", "FORMATS", "STATISTICS_NAME"]
 
 SUMMARY_NAME = "infer_summary.json"
+STATISTICS_NAME = "statistics.csv"
+FORMATS = ("nifti", "dicom-seg", "rtstruct")  # what --format takes; the DICOM ones need a DICOM series input
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,26 @@ class Job:
     def sidecar(self) -> Path:
         """The mask's JSON sidecar: its name with ``.json`` for the image suffix."""
         return self.output.with_name(case_name(self.output) + ".json")
+
+    @property
+    def dicom_seg(self) -> Path:
+        """Where ``--format dicom-seg`` writes (``<case>_seg.dcm`` beside the mask)."""
+        return self.output.with_name(f"{self.name}_seg.dcm")
+
+    @property
+    def rtstruct(self) -> Path:
+        """Where ``--format rtstruct`` writes (``<case>_rtstruct.dcm`` beside the mask)."""
+        return self.output.with_name(f"{self.name}_rtstruct.dcm")
+
+    @property
+    def stats(self) -> Path:
+        """Where ``--statistics`` writes (``<case>_stats.json`` beside the mask)."""
+        return self.output.with_name(f"{self.name}_stats.json")
+
+    def outputs(self, formats: Sequence[str] = ("nifti",), probabilities: bool = False, statistics: bool = False) -> List[Path]:
+        """Every file this job writes with these options (the sidecar always)."""
+        named = {"nifti": self.output, "dicom-seg": self.dicom_seg, "rtstruct": self.rtstruct}
+        return [named[f] for f in formats] + [self.sidecar] + ([self.probabilities] if probabilities else []) + ([self.stats] if statistics else [])
 
 
 def _is_dicom_dir(p: Path) -> bool:
@@ -92,13 +114,49 @@ def collect_inputs(inputs: Sequence[Union[str, Path]], output: Optional[Union[st
     return jobs
 
 
-def check_outputs(jobs: Sequence[Job]) -> None:
+def parse_formats(text: str) -> Tuple[str, ...]:
+    """``--format``'s comma-separated list, each one of :data:`FORMATS` (else
+    :class:`~volseg.config.ConfigError`, one line)."""
+    from ..config import ConfigError
+
+    formats = tuple(f.strip() for f in text.split(",") if f.strip())
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ConfigError(f"--format {text!r}: unknown {bad or 'empty'}; choose one or more of {', '.join(FORMATS)} (comma-separated).")
+    return tuple(dict.fromkeys(formats))
+
+
+def check_formats(jobs: Sequence[Job], formats: Sequence[str]) -> Tuple[str, ...]:
+    """``formats`` checked, before anything is read or written: each one of :data:`FORMATS`, at
+    least one; ``dicom-seg``/``rtstruct`` only when every input is a DICOM series folder (their
+    references and geometry come from its files) and highdicom is installed. Raises
+    :class:`~volseg.config.ConfigError` (the formats) or :class:`ImageReadError` (naming the
+    inputs that are not DICOM series), one line."""
+    from ..config import ConfigError
+
+    formats = parse_formats(",".join(formats))
+    dicom = [f for f in formats if f != "nifti"]
+    if dicom:
+        not_dicom = [str(j.images[0]) for j in jobs if not _is_dicom_dir(j.images[0])]
+        if not_dicom:
+            shown = ", ".join(not_dicom[:5]) + (f" and {len(not_dicom) - 5} more" if len(not_dicom) > 5 else "")
+            raise ImageReadError(f"--format {','.join(dicom)} needs DICOM series inputs (the output references their files); not a DICOM series: {shown}. Use --format nifti for them.")
+        try:
+            import highdicom  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"--format {','.join(dicom)} needs highdicom, which is not installed: pip install 'volseg[dicom]'") from None
+    return formats
+
+
+def check_outputs(jobs: Sequence[Job], formats: Sequence[str] = ("nifti",), probabilities: bool = True, statistics: bool = False) -> None:
     """Raise ``NotADirectoryError``/``PermissionError`` (one line naming the folder) when an
     output folder can never be written: a file stands where it or a parent folder should be,
     or its nearest existing folder is not writable; :class:`~volseg.data.io.UnsafeOutputError`
     when an output (mask, probabilities, sidecar) would replace an input of the batch or anything
     but a regular file."""
-    names = [name for j in jobs for name in (j.output, j.probabilities, j.sidecar)]
+    names = [name for j in jobs for name in j.outputs(formats, probabilities, statistics)]
+    if statistics and jobs:
+        names.append(summary_path(jobs).parent / STATISTICS_NAME)
     # a folder under an output name fails that scan alone when it is written (the batch goes on)
     refuse_unsafe_outputs([n for n in names if not n.is_dir() or n.is_symlink()], [img for j in jobs for img in j.images])
     for folder in sorted({j.output.parent for j in jobs} | ({summary_path(jobs).parent} if jobs else set())):

@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import List, Sequence
 
 import numpy as np
 
@@ -26,18 +27,20 @@ def _read(pred, job: Job, clock) -> dict:
     return {"images": images, "prepared": prepared, "read": [start, clock()]}
 
 
-def _segment(pred, job: Job, loaded: dict, probabilities: bool, clock) -> dict:
+def _segment(pred, job: Job, loaded: dict, probabilities: bool, clock, formats: Sequence[str] = ("nifti",), statistics: bool = False) -> dict:
     """The network and the writes for one read scan; returns its timing for the summary."""
     start, t0 = clock(), time.perf_counter()
     images = loaded["images"]
     out = pred.predict(images, source=str(job.images[0]), probabilities=probabilities, prepared=loaded["prepared"])
-    written = []
+    written: List[Path] = []
     try:
-        written.append(write_label_like(out["labels"], job.images[0], images[0], job.output))
+        _write_masks(pred, job, out["labels"], images[0], formats, written)
         prob_path = _write_probabilities(out["probabilities"], images[0], job.probabilities) if probabilities else None
         if prob_path is not None:
             written.append(prob_path)
-        timing = _write_sidecar(pred, job, out, loaded, prob_path, t0)
+        if statistics:
+            written.append(_write_statistics(pred, job, out["labels"], images[0]))
+        timing = _write_sidecar(pred, job, out, loaded, prob_path, t0, written)
     except BaseException:  # a failed case leaves none of its outputs: a mask without its sidecar looks finished
         for path in written:
             Path(path).unlink(missing_ok=True)
@@ -46,14 +49,43 @@ def _segment(pred, job: Job, loaded: dict, probabilities: bool, clock) -> dict:
     return {"timing_s": timing, "timeline_s": {"read": loaded["read"], "segment": [start, clock()]}}
 
 
-def _write_sidecar(pred, job: Job, out: dict, loaded: dict, prob_path, t0: float) -> dict:
+def _write_masks(pred, job: Job, labels: np.ndarray, reference, formats: Sequence[str], written: List[Path]) -> None:
+    """The mask in each of ``formats`` (NIfTI, DICOM-SEG, RTSTRUCT), named by the job; each
+    file is added to ``written`` as soon as it is there (a later failure removes it)."""
+    names = dict(zip(pred.plan.label_values, pred.plan.label_names))
+    software = versions().get("volseg", "")
+    for fmt in formats:
+        if fmt == "nifti":
+            written.append(write_label_like(labels, job.images[0], reference, job.output))
+        elif fmt == "dicom-seg":
+            from ..data.io.dicom_seg import write_dicom_seg
+
+            written.append(write_dicom_seg(labels, reference, job.images[0], job.dicom_seg, names, software))
+        else:
+            from ..data.io.rtstruct import write_rtstruct
+
+            written.append(write_rtstruct(labels, reference, job.images[0], job.rtstruct, names, software))
+
+
+def _write_statistics(pred, job: Job, labels: np.ndarray, reference) -> Path:
+    """``<case>_stats.json``: :func:`volseg.stats.statistics` of the mask on the scan as
+    read (HU for a CT run: the reader applies the files' rescale slope/intercept)."""
+    from ..stats import statistics
+
+    unit = "HU" if pred.plan.channels and pred.plan.channels[0].upper() == "CT" else ""
+    stats = statistics(labels, reference, dict(zip(pred.plan.label_values, pred.plan.label_names)), case=job.name, unit=unit)
+    return write_text(job.stats, json.dumps(stats, indent=2, allow_nan=False) + "\n")
+
+
+def _write_sidecar(pred, job: Job, out: dict, loaded: dict, prob_path, t0: float, written: Sequence[Path] = ()) -> dict:
     """The mask's JSON sidecar (inputs, outputs, model, labels, settings, versions, timing);
     returns the timing."""
     read_s = loaded["read"][1] - loaded["read"][0]  # reading and preprocessing
     timing = {**{k: round(v, 3) for k, v in out["timing"].items()}, "read_s": round(read_s, 3), "wait_s": round(loaded["wait_s"], 3), "total_s": round(time.perf_counter() - t0 + read_s, 3)}
     sidecar = {
         "input": [str(p) for p in job.images],
-        "output": str(job.output),
+        "output": str(job.output) if job.output in written else None,
+        "outputs": [str(p) for p in written],
         "probabilities": str(prob_path) if prob_path else None,
         "model": pred.run_info,
         "labels": dict(zip(pred.plan.label_values, pred.plan.label_names)),

@@ -85,20 +85,28 @@ def read_dicom_folder(folder: Path) -> sitk.Image:
     """The series with the most slices in ``folder`` (others are logged), its slice geometry
     checked by :func:`check_slice_geometry`."""
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise ImageReadError(f"{folder}: folder holds no DICOM series (and no single image file).")
-    files = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series}
-    chosen = max(series, key=lambda uid: len(files[uid]))  # ties: the first series GDCM lists
-    if len(series) > 1:
-        others = ", ".join(f"{uid} ({len(files[uid])} slices)" for uid in series if uid != chosen)
-        log.warning("%s holds %d DICOM series; reading %s (%d slices, the most); not read: %s.", folder, len(series), chosen, len(files[chosen]), others)
-    reader.SetFileNames(files[chosen])
+    names = series_files(folder, log_choice=True)
+    reader.SetFileNames(names)
     reader.MetaDataDictionaryArrayUpdateOn()  # each slice's tags, for the geometry check
     with itk_warnings_off():  # ITK's "Non uniform sampling": checked below, in words
         img = reader.Execute()
-    _check_series(reader, files[chosen], folder)
+    _check_series(reader, names, folder)
     return img
+
+
+def series_files(folder: Path, log_choice: bool = False) -> List[str]:
+    """The files of the series :func:`read_dicom_folder` reads from ``folder`` (the one with the
+    most slices), in the order GDCM sorts them along the slice normal: slice ``k`` of the image
+    is file ``k``. DICOM writers (:mod:`.dicom_seg`, :mod:`.rtstruct`) read their headers."""
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise ImageReadError(f"{folder}: folder holds no DICOM series (and no single image file).")
+    files = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series}
+    chosen = max(series, key=lambda uid: len(files[uid]))  # ties: the first series GDCM lists
+    if len(series) > 1 and log_choice:
+        others = ", ".join(f"{uid} ({len(files[uid])} slices)" for uid in series if uid != chosen)
+        log.warning("%s holds %d DICOM series; reading %s (%d slices, the most); not read: %s.", folder, len(series), chosen, len(files[chosen]), others)
+    return list(files[chosen])
 
 
 def _check_series(reader: sitk.ImageSeriesReader, names: Sequence[str], folder: Path) -> None:

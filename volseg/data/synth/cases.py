@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -41,6 +42,20 @@ def _check_shape(shape: Sequence[int]) -> Shape3:
     if not ok or min(out) < _MIN_SIZE:
         raise ConfigError(f"shape={shape!r} must be 3 integers >= {_MIN_SIZE} (voxels along x, y, z).")
     return out  # type: ignore[return-value]
+
+
+def _check_output(out_dir, overwrite: bool, **counts: int) -> Path:
+    """Each count ``name=value`` an integer >= its floor (1 for ``cases`` and ``sparse``, else 0),
+    and ``out_dir`` free of a ``dataset.json`` unless ``overwrite``; returns ``Path(out_dir)``."""
+    for name, value in counts.items():
+        low = 1 if name in ("cases", "sparse") else 0
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{name}={value!r} must be an integer >= {low}.")
+    out = Path(out_dir)
+    if (out / "dataset.json").exists() and not overwrite:
+        raise ConfigError(f"{out} already holds a dataset ({out / 'dataset.json'}); choose another folder, "
+                          "or replace it with overwrite=True (volseg synth --force).")
+    return out
 
 
 def _check_spacing(spacing: Optional[Sequence[float]]) -> Optional[Spacing3]:

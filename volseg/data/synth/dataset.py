@@ -10,10 +10,9 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ...config import ConfigError
 from ...version import __version__
 from ..io import write_image, write_text
-from .cases import LABELS, MODALITIES, _check_modality, _check_shape, _check_spacing, make_case
+from .cases import LABELS, MODALITIES, _check_modality, _check_output, _check_shape, _check_spacing, make_case
 from .geometry import ORIENTATIONS
 
 log = logging.getLogger(__name__)
@@ -48,13 +47,7 @@ def make_dataset(
     modality = _check_modality(modality)
     shape3 = _check_shape(shape)
     spacing3 = _check_spacing(spacing)
-    for name, value, low in (("cases", cases, 1), ("test_cases", test_cases, 0), ("seed", seed, 0)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-            raise ConfigError(f"{name}={value!r} must be an integer >= {low}.")
-    out = Path(out_dir)
-    if (out / "dataset.json").exists() and not overwrite:
-        raise ConfigError(f"{out} already holds a dataset ({out / 'dataset.json'}); choose another folder, "
-                          "or replace it with overwrite=True (volseg synth --force).")
+    out = _check_output(out_dir, overwrite, cases=cases, test_cases=test_cases, seed=seed)
     t0 = time.perf_counter()
     entries: Dict[str, List[Dict[str, str]]] = {"Tr": [], "Ts": []}
     for index in range(cases + test_cases):

@@ -28,10 +28,9 @@ from typing import Sequence, Tuple, Union
 
 import numpy as np
 
-from ...config import ConfigError
 from ...version import __version__
 from ..io import write_image, write_text
-from .cases import _check_shape
+from .cases import _check_output, _check_shape
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +94,7 @@ def make_tumor_dataset(out_dir: Union[str, Path], cases: int = 8, seed: int = 0,
     import SimpleITK as sitk
 
     shape3 = _check_shape(shape)
-    for name, value, low in (("cases", cases, 1), ("test_cases", test_cases, 0), ("seed", seed, 0), ("sparse", sparse, 1)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-            raise ConfigError(f"{name}={value!r} must be an integer >= {low}.")
-    out = Path(out_dir)
-    if (out / "dataset.json").exists() and not overwrite:
-        raise ConfigError(f"{out} already holds a dataset ({out / 'dataset.json'}); choose another folder, "
-                          "or replace it with overwrite=True (volseg synth --force).")
+    out = _check_output(out_dir, overwrite, cases=cases, test_cases=test_cases, seed=seed, sparse=sparse)
     entries: dict = {"Tr": [], "Ts": []}
     for index in range(cases + test_cases):
         split = "Tr" if index < cases else "Ts"

@@ -40,8 +40,12 @@ def _infer_overrides(args) -> dict:
         sets.append(f"infer.overlap={args.overlap}")
     if args.batch_size is not None:
         sets.append(f"infer.batch_size={args.batch_size}")
+    if args.tta and args.no_tta:
+        raise ConfigError("--tta and --no-tta contradict each other; give one.")
     if args.tta:
         sets.append("infer.tta=true")
+    if args.no_tta:
+        sets.append("infer.tta=false")
     other = [k for k in _set_keys(sets) if not k.startswith("infer.")]
     if other:
         raise ConfigError(f"volseg infer --set takes infer.KEY=VALUE only; {other} belong to training (volseg train --set).")
@@ -163,15 +167,16 @@ def _train_folds(args, cfg, out: str, planned: bool) -> int:
 def cmd_infer(args) -> int:
     from . import distributed
     from .inference import collect_inputs, infer_many
-    from .inference.batch import summary_path
+    from .inference.batch import jobs_for_model, summary_path
     from .inference.inputs import parse_formats
 
     overrides = _infer_overrides(args)
     formats = parse_formats(args.format)
-    jobs = collect_inputs(args.inputs, args.output)
     model = args.model[0] if len(args.model) == 1 else args.model
+    jobs = jobs_for_model(collect_inputs(args.inputs, args.output), model)
+    folds = [f.strip() for f in args.folds.split(",") if f.strip()] if args.folds else None
     failures = infer_many(jobs, model, device=args.device, overrides=overrides, probabilities=args.probabilities, progress=_progress(args),
-                          formats=formats, statistics=args.statistics)
+                          formats=formats, statistics=args.statistics, checkpoint=args.checkpoint, folds=folds)
     if not distributed.is_main():
         # rank 0 reports every rank's scans and sets the exit status: torchrun stops all ranks
         # as soon as one exits non-zero, which would cut rank 0 off while it merges the summary
@@ -333,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = _command(sub, "infer", help="segment scans with a trained run; masks come back in each scan's geometry")
     s.add_argument("inputs", nargs="+", metavar="INPUT", help="scan files, DICOM folders, folders of scans, or a manifest (its test list)")
     s.add_argument("--model", required=True, nargs="+", metavar="RUN_DIR",
-                   help="run folder written by volseg train; a --folds folder or several run folders average their probabilities")
+                   help="run folder written by volseg train, or an nnU-Net v2 trained model folder (docs/nnunet.md); "
+                        "a --folds folder or several run folders average their probabilities")
     s.add_argument("--output", help="output folder, or a file name for a single input (default: <case>_seg.nii.gz next to the input)")
     _device_arg(s)
     s.add_argument("--set", action="append", metavar="infer.KEY=VALUE",
@@ -341,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overlap", type=float, help="shortcut for --set infer.overlap=V: sliding-window overlap in [0, 1)")
     s.add_argument("--batch-size", type=int, help="shortcut for --set infer.batch_size=N: windows per forward pass")
     s.add_argument("--tta", action="store_true", help="shortcut for --set infer.tta=true: mirroring test-time augmentation")
+    s.add_argument("--no-tta", action="store_true", help="shortcut for --set infer.tta=false (nnU-Net model folders mirror by default, as nnU-Net does)")
+    s.add_argument("--folds", metavar="K[,K...]", help="the fold_K folders of a cross-validation or nnU-Net model folder to ensemble (default: all)")
+    s.add_argument("--checkpoint", choices=["best", "last", "final"],
+                   help="volseg runs: best (default) or last; nnU-Net model folders: final (default) or best")
     s.add_argument("--probabilities", action="store_true", help="also write class probabilities (<case>_prob.nii.gz: 4D uint8 with scl_slope 1/255; readers get floats in [0, 1])")
     s.add_argument("--format", default="nifti", metavar="F[,F...]",
                    help="mask formats, comma-separated: nifti (<case>_seg.nii.gz), dicom-seg (<case>_seg.dcm), rtstruct (<case>_rtstruct.dcm); "

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 from .. import distributed
+from ..config import ConfigError
 from ..data.io import ImageReadError
 from ..runtime import resolve_device
 from .inputs import STATISTICS_NAME, SUMMARY_NAME, Job, check_formats, check_outputs, collect_inputs, summary_path
@@ -36,7 +37,7 @@ from .scan import _error_line, _read, _segment
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Job", "collect_inputs", "check_outputs", "infer_many", "shard", "scan_voxels", "summary_path", "SUMMARY_NAME"]
+__all__ = ["Job", "collect_inputs", "jobs_for_model", "check_outputs", "infer_many", "shard", "scan_voxels", "summary_path", "SUMMARY_NAME"]
 
 
 def infer_many(
@@ -46,11 +47,12 @@ def infer_many(
     overrides: Optional[dict] = None,
     probabilities: bool = False,
     progress: bool = False,
-    checkpoint: str = "best",
+    checkpoint: Optional[str] = None,
     prefetch: bool = True,
     stall_s: float = RANK_STALL_S,
     formats: Sequence[str] = ("nifti",),
     statistics: bool = False,
+    folds: Optional[Sequence[str]] = None,
 ) -> List[Tuple[Job, str]]:
     """Segment every job with the run in ``model``; return ``[(job, error message)]``.
 
@@ -63,6 +65,11 @@ def infer_many(
     ``formats``: any of ``nifti``, ``dicom-seg``, ``rtstruct`` (the DICOM ones only for DICOM
     series inputs: checked before the model loads, :func:`~.inputs.check_formats`);
     ``statistics``: also ``<case>_stats.json`` per scan and ``statistics.csv`` for the batch.
+    ``model`` may be an nnU-Net v2 model folder (:mod:`volseg.inference.nnunet`; give its
+    jobs through :func:`jobs_for_model` so nnU-Net's ``CASE_XXXX`` channel files group into
+    cases). ``checkpoint``: ``best`` or ``last`` for volseg runs (default ``best``), ``final``
+    or ``best`` for nnU-Net folders (default ``final``); ``folds``: the ``fold_K`` folders
+    to ensemble (default: all).
     """
     if not jobs:
         return []
@@ -78,7 +85,7 @@ def infer_many(
         out = summary_path(jobs)
         table = distributed.on_main(_shard_table, jobs, world)
         ranklog = _RankLog(out.parent / RANKS_DIR / table["token"], table["token"], rank)
-        pred = _load_predictor(model, device, checkpoint, overrides, progress)
+        pred = _load_predictor(model, device, checkpoint, overrides, progress, folds)
         mine = [i for i, r in enumerate(table["ranks"]) if r == rank]
         log.info("rank %d of %d: %d of %d scan(s) on %s", rank, world, len(mine), len(jobs), pred.device)
         refresh = (lambda: _write_summary(out, jobs, table, pred, _read_ranks(ranklog.folder, table["token"], world))) if rank == 0 else None
@@ -94,13 +101,44 @@ def infer_many(
             distributed.shutdown()
 
 
-def _load_predictor(model, device: str, checkpoint: str, overrides: Optional[dict], progress: bool):
+def _load_predictor(model, device: str, checkpoint: Optional[str], overrides: Optional[dict], progress: bool, folds: Optional[Sequence[str]] = None):
     """The predictor, once per rank: on ``cuda:LOCAL_RANK`` under torchrun with CUDA (one
-    process per GPU)."""
+    process per GPU). An nnU-Net model folder gets :class:`~.nnunet.NnUNetPredictor`."""
+    from .nnunet import NnUNetPredictor, is_nnunet_folder
+
     dev = resolve_device(device)
     if dev.type == "cuda" and distributed.launched():
         dev = distributed.local_cuda_device()
-    return Predictor.from_run(model, device=dev, checkpoint=checkpoint, overrides=overrides, progress=progress and distributed.is_main())
+    show = progress and distributed.is_main()
+    models = [model] if isinstance(model, (str, Path)) else list(model)
+    nnunet = [m for m in models if is_nnunet_folder(m)]
+    if nnunet:
+        if len(models) > 1:
+            raise ConfigError(f"--model: {nnunet[0]} is an nnU-Net model folder; it cannot be ensembled with other folders yet (give it alone).")
+        return NnUNetPredictor.from_folder(models[0], folds, checkpoint, overrides, dev, show)
+    if checkpoint not in (None, "best", "last"):
+        raise ConfigError(f"--checkpoint {checkpoint!r}: a volseg run has best or last ('final' and 'best' are nnU-Net's).")
+    if folds:
+        if len(models) > 1:
+            raise ConfigError("--folds picks folds of one cross-validation folder; give a single --model with it.")
+        picked = [Path(models[0]) / f"fold_{k}" for k in folds]
+        missing = [str(p) for p in picked if not p.is_dir()]
+        if missing:
+            raise ConfigError(f"--folds {list(folds)}: no such fold folder(s) {missing}.")
+        model = picked
+    return Predictor.from_run(model, device=dev, checkpoint=checkpoint or "best", overrides=overrides, progress=show)
+
+
+def jobs_for_model(jobs: Sequence[Job], model) -> List[Job]:
+    """``jobs`` as ``model`` takes them: for an nnU-Net model folder, its ``CASE_XXXX`` channel
+    files grouped into one job per case (:func:`~.nnunet.inputs.nnunet_jobs`); else unchanged."""
+    from .nnunet import is_nnunet_folder, nnunet_channels
+    from .nnunet.inputs import nnunet_jobs
+
+    models = [model] if isinstance(model, (str, Path)) else list(model)
+    if len(models) == 1 and is_nnunet_folder(models[0]):
+        return nnunet_jobs(jobs, nnunet_channels(models[0]))
+    return list(jobs)
 
 
 def _write_statistics_csv(path: Path, jobs: Sequence[Job]) -> None:

@@ -19,6 +19,8 @@ torch = pytest.importorskip("torch")
 from volseg.inference.nnunet import NnUNetPredictor, is_nnunet_folder, load_nnunet  # noqa: E402
 from volseg.nets.nnunet import build_nnunet_network  # noqa: E402
 
+from .dicom_phantom import phantom, write_series  # noqa: E402
+
 PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 
 
@@ -195,3 +197,37 @@ def test_bad_folders_end_in_one_line(tmp_path, breakage, expected):
     assert proc.returncode != 0
     assert expected in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_of_an_nnunet_fold_gives_its_softmax_and_preprocessing_record(tmp_path, fmt):
+    folder = make_folder(tmp_path, folds=(0, 1))
+    proc = _volseg("export", folder, "--format", fmt, check=False)
+    assert proc.returncode != 0 and "export one with --fold K" in proc.stderr
+    _volseg("export", folder, "--format", fmt, "--fold", "1")
+    path = folder / "fold_1" / ("model.ts.pt" if fmt == "torchscript" else "model.onnx")
+    meta = json.loads((folder / "fold_1" / "model.json").read_text())
+    assert meta["output"]["activation"] == "softmax" and meta["output"]["channels"] == 3
+    assert meta["preprocessing"]["configuration"]["patch_size"] == [8, 16, 16] and meta["model"]["folds"] == ["1"]
+    x = torch.randn(1, 1, 8, 16, 16)
+    pred = NnUNetPredictor.from_folder(folder, folds=[1], overrides={"tta": False}, device="cpu")
+    with torch.no_grad():
+        want = torch.softmax(pred.model(x), 1).numpy()
+    if fmt == "torchscript":
+        got = torch.jit.load(str(path))(x).detach().numpy()
+    else:
+        ort = pytest.importorskip("onnxruntime")
+        got = ort.InferenceSession(str(path)).run(None, {"image": x.numpy()})[0]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_dicom_seg_and_statistics_from_an_nnunet_model(tmp_path):
+    pytest.importorskip("highdicom")
+    folder = make_folder(tmp_path / "res", folds=(0,))
+    write_series(phantom("axial")[0], tmp_path / "dicom")
+    _volseg("infer", tmp_path / "dicom", "--model", folder, "--output", tmp_path / "out", "--format", "nifti,dicom-seg", "--statistics", "--no-tta")
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "dicom_seg.nii.gz")))
+    stats = json.loads((tmp_path / "out" / "dicom_stats.json").read_text())
+    assert (tmp_path / "out" / "dicom_seg.dcm").is_file()
+    for value, name in ((1, "organ"), (2, "lesion")):
+        assert stats["labels"][name]["voxels"] == int((mask == value).sum())

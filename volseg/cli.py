@@ -240,7 +240,7 @@ def cmd_view(args) -> int:
 def cmd_export(args) -> int:
     from .inference.export import export
 
-    path = export(args.run_dir, args.format, args.output)
+    path = export(args.run_dir, args.format, args.output, fold=args.fold)
     print(f"exported {args.format}: {path}")
     return 0
 
@@ -388,9 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_view)
 
     s = _command(sub, "export", help="export the network for deployment (TorchScript or ONNX)")
-    s.add_argument("run_dir")
+    s.add_argument("run_dir", help="a volseg run folder, or an nnU-Net v2 model folder")
     s.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
-    s.add_argument("--output", help="output file (default: RUN_DIR/model.<ext>)")
+    s.add_argument("--output", help="output file (default: RUN_DIR/model.<ext>; nnU-Net: RUN_DIR/fold_K/model.<ext>)")
+    s.add_argument("--fold", help="nnU-Net model folders: the fold to export (needed when there are several)")
     s.set_defaults(func=cmd_export)
     return p
 

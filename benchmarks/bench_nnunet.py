@@ -10,9 +10,10 @@ planned features per stage (1.0: nnU-Net's own 32..320 network; the CPU default 
 run to minutes, and leaves the pipeline around the network a larger share of the time).
 
 Each row is a fresh process; the rows alternate ``--repeat`` times (order flipped every repeat).
-Wall time is the whole command, imports and model loading included. Peak RSS is the peak of the
-summed RSS of the process and all its children (nnU-Net spawns preprocessing and export
-workers), sampled every 20 ms. Agreement: per-label Dice of volseg's masks against nnU-Net's.
+Wall time is the whole command, imports and model loading included. Peak RSS and PSS are the peaks of
+the summed RSS and PSS of the process and all its children (nnU-Net spawns preprocessing and
+export workers, each with torch loaded: RSS counts their shared pages once per process, PSS
+splits them), sampled every 20 ms (PSS every 0.4 s: reading it is costly). Agreement: per-label Dice of volseg's masks against nnU-Net's.
 nnU-Net runs with its defaults (``-npp 3 -nps 3``) and ``-device cpu`` or ``cuda``.
 
     python benchmarks/bench_nnunet.py --quick
@@ -87,13 +88,18 @@ def make_model(root: Path, python: str, shape, spacing, n_labels: int, width: fl
     return folder
 
 
-def _tree_rss_kib(pid: int) -> int:
-    total, todo = 0, [pid]
+def _tree_kib(pid: int, pss: bool = False) -> int:
+    """Summed RSS (or PSS) in KiB of ``pid`` and its descendants. RSS counts a page shared by
+    several processes (torch's libraries in nnU-Net's workers) once per process; PSS splits it,
+    but reading it walks the page tables (``smaps_rollup``: most of a core at 50 Hz on a 6 GiB
+    process), so it is sampled 20x less often."""
+    total = 0
+    todo = [pid]
     while todo:
         p = todo.pop()
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(f"/proc/{p}/{'smaps_rollup' if pss else 'status'}").read_text().splitlines():
+                if line.startswith("Pss:" if pss else "VmRSS:"):
                     total += int(line.split()[1])
             for t in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (t / "children").read_text().split()]
@@ -103,14 +109,18 @@ def _tree_rss_kib(pid: int) -> int:
 
 
 def measure(cmd: List[str], env: Dict[str, str]) -> dict:
-    """Wall time and peak summed RSS of ``cmd`` and its children."""
-    peak = [0]
+    """Wall time and the peaks of the summed RSS and PSS of ``cmd`` and its children."""
+    peak = [0, 0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def sample():
+        n = 0
         while proc.poll() is None:
-            peak[0] = max(peak[0], _tree_rss_kib(proc.pid))
+            peak[0] = max(peak[0], _tree_kib(proc.pid))
+            if n % 20 == 0:
+                peak[1] = max(peak[1], _tree_kib(proc.pid, pss=True))
+            n += 1
             time.sleep(0.02)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -120,7 +130,7 @@ def measure(cmd: List[str], env: Dict[str, str]) -> dict:
     th.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}):\n{(out + err)[-3000:]}")
-    return {"wall_s": wall, "peak_rss_mib": peak[0] / 1024}
+    return {"wall_s": wall, "peak_rss_mib": peak[0] / 1024, "peak_pss_mib": peak[1] / 1024}
 
 
 def agreement(a_dir: Path, b_dir: Path, n_labels: int) -> float:
@@ -149,6 +159,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-tta-only", action="store_true", help="skip the TTA rows (8x the network time)")
+    ap.add_argument("--json", type=Path, help="write the raw figures here")
+    ap.add_argument("--tta-only", action="store_true", help="skip the rows without TTA")
     ap.add_argument("--quick", action="store_true", help="smoke test: 96x96x40, 1 scan, 1 repeat, no TTA")
     a = ap.parse_args()
     if a.nnunet_python is None:
@@ -168,7 +180,7 @@ def main() -> None:
     print(f"model: {folder}\n  patch {plan['patch_size']}, spacing {plan['spacing']}, features {plan['architecture']['arch_kwargs']['features_per_stage']}")
     print(f"scans: {a.scans} x {a.shape} at {a.spacing} mm, {a.labels} labels; device {a.device}; {a.repeat} repeat(s), alternating")
     results: Dict[str, List[dict]] = {}
-    for tta in ([False] if a.no_tta_only else [False, True]):
+    for tta in ([False] if a.no_tta_only else [True] if a.tta_only else [False, True]):
         rows = {
             "nnunet": lambda out, tta=tta: [ref.tool(a.nnunet_python, "nnUNetv2_predict_from_modelfolder"), "-i", str(scans), "-o", str(out), "-m", str(folder),
                                             "-f", "0", "-device", a.device, "--disable_progress_bar", *([] if tta else ["--disable_tta"])],
@@ -183,12 +195,15 @@ def main() -> None:
         dice = agreement(root / f"nnunet_tta{int(tta)}_0", root / f"volseg_tta{int(tta)}_0", a.labels)
         nn_w = statistics.median(x["wall_s"] for x in results[f"nnunet tta={tta}"])
         vs_w = statistics.median(x["wall_s"] for x in results[f"volseg tta={tta}"])
-        nn_m = statistics.median(x["peak_rss_mib"] for x in results[f"nnunet tta={tta}"])
-        vs_m = statistics.median(x["peak_rss_mib"] for x in results[f"volseg tta={tta}"])
+        nn_m, vs_m, nn_p, vs_p = (statistics.median(x[key] for x in results[f"{who} tta={tta}"])
+                                  for key in ("peak_rss_mib", "peak_pss_mib") for who in ("nnunet", "volseg"))
         print(f"TTA {'on ' if tta else 'off'}: wall nnU-Net {nn_w:.1f} s, volseg {vs_w:.1f} s -> {vs_w / nn_w:.2f}x; "
-              f"peak RSS nnU-Net {nn_m:.0f} MiB, volseg {vs_m:.0f} MiB -> {vs_m / nn_m:.2f}x; lowest per-label Dice {dice:.4f}")
+              f"peak RSS nnU-Net {nn_m:.0f} MiB, volseg {vs_m:.0f} MiB -> {vs_m / nn_m:.2f}x; "
+              f"peak PSS {nn_p:.0f} vs {vs_p:.0f} MiB -> {vs_p / nn_p:.2f}x; lowest per-label Dice {dice:.4f}")
         for k in (f"nnunet tta={tta}", f"volseg tta={tta}"):
-            print(f"    {k}: " + ", ".join(f"{x['wall_s']:.1f}s/{x['peak_rss_mib']:.0f}MiB" for x in results[k]))
+            print(f"    {k}: " + ", ".join(f"{x['wall_s']:.1f}s/{x['peak_rss_mib']:.0f}/{x['peak_pss_mib']:.0f}MiB" for x in results[k]))
+    if a.json:
+        a.json.write_text(json.dumps({"shape": a.shape, "labels": a.labels, "width": a.width, "rows": results}, indent=1))
 
 
 if __name__ == "__main__":

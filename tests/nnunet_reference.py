@@ -103,7 +103,7 @@ def phantom(shape_zyx: Sequence[int], kind: str, seed: int, n_labels: int = 2) -
         r = [rng.uniform(0.25, 0.35) * s[0], rng.uniform(0.12, 0.18) * s[1], rng.uniform(0.1, 0.14) * s[2]]
         lab[(((z - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((x - c[2]) / r[2]) ** 2 <= 1) & body] = v
     if kind == "ct":
-        img = np.where(body, 40.0, -1000.0) + np.array([0.0, 80.0, 200.0, 140.0][: n_labels + 1])[lab] + rng.normal(0, 12, shape_zyx)
+        img = np.where(body, 40.0, -1000.0) + np.array([0.0, 80.0, 200.0, *(20.0 + 40.0 * v for v in range(3, n_labels + 1))][: n_labels + 1])[lab] + rng.normal(0, 12, shape_zyx)
     else:
         img = np.where(body, 300.0 + 200.0 * lab + rng.normal(0, 20, shape_zyx), 0.0)
     return img, lab
@@ -205,3 +205,24 @@ def reference_logits(python: str, folder: Path, config: str, fold: int, x: np.nd
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     return np.load(work / "y.npy")
+
+
+RESAMPLE_SCRIPT = """
+import json, sys
+import numpy as np
+from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+
+inp, out, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+np.save(out, resample_data_or_seg_to_shape(np.load(inp), args["shape"], args["current"], args["new"], False, args["order"], 0,
+                                           force_separate_z=args["force"]))
+"""
+
+
+def reference_resample(python: str, data: np.ndarray, shape, current, new, order: int, force, work: Path) -> np.ndarray:
+    """nnU-Net's own ``resample_data_or_seg_to_shape`` of ``(C, *spatial)`` data."""
+    np.save(work / "r_in.npy", data)
+    args = json.dumps({"shape": list(shape), "current": list(current), "new": list(new), "order": order, "force": force})
+    done = subprocess.run([python, "-c", RESAMPLE_SCRIPT, str(work / "r_in.npy"), str(work / "r_out.npy"), args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return np.load(work / "r_out.npy")

@@ -128,3 +128,29 @@ def test_rebuilt_network_equals_dynamic_network_architectures(models, dataset, c
         ours = net.eval()(torch.from_numpy(x)).numpy()
     assert ours.shape == theirs.shape == (2, heads, *m.config["patch_size"])
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+
+
+RESAMPLINGS = [  # (shape, current spacing, new spacing, order, force_separate_z)
+    ((12, 30, 26), (3.0, 0.8, 0.8), (2.0, 1.0, 1.0), 3, None),  # anisotropic: in-plane spline, nearest along z, upsampled
+    ((20, 24, 22), (2.5, 0.7, 0.7), (4.0, 0.9, 0.9), 3, None),  # z downsampled
+    ((16, 18, 20), (1.0, 1.0, 1.0), (0.7, 1.3, 1.1), 3, None),  # isotropic: one 3D spline
+    ((14, 20, 18), (0.8, 3.2, 0.8), (1.0, 2.0, 1.0), 1, None),  # the low-resolution axis in the middle, first order (logits)
+    ((10, 16, 16), (1.0, 1.0, 1.0), (2.0, 0.5, 0.5), 3, False),  # anisotropic target, separate z forced off
+]
+
+
+@pytest.mark.parametrize("shape,current,new,order,force", RESAMPLINGS)
+def test_resampling_equals_nnunets(shape, current, new, order, force, tmp_path):
+    """:func:`volseg.inference.nnunet.steps.resample` gives nnU-Net's
+    ``resample_data_or_seg_to_shape`` bit for bit."""
+    from volseg.inference.nnunet import steps
+
+    python, why = ref.nnunet_python()
+    if python is None:
+        pytest.skip(why)
+    data = np.random.default_rng(1).normal(size=(1, *shape)).astype(np.float32)
+    target = steps.new_shape(shape, current, new)
+    theirs = ref.reference_resample(python, data, target, current, new, order, force, tmp_path)
+    ours = steps.resample(data[0], target, steps.separate_z(current, new, force), order)
+    assert ours.shape == theirs.shape[1:] == tuple(target)
+    np.testing.assert_array_equal(ours.astype(np.float32), theirs[0].astype(np.float32))

@@ -11,9 +11,9 @@ default 0.5), mirroring TTA over the checkpoint's allowed axes (on unless ``infe
 false), folds averaged as logits, logits resampled back, argmax (or regions painted in
 ``regions_class_order``), uncropped, transposed back, then the folder's learned postprocessing.
 
-Where it is faster and lighter than nnU-Net (benchmarks/bench_nnunet.py measures it): windows
-and their mirrors go through the network as one batch (nnU-Net: one forward per window and
-mirror), the logits accumulate in float32 in one buffer for all folds (nnU-Net: float16 per
+Where it is faster and lighter than nnU-Net (benchmarks/bench_nnunet.py measures it): on a CPU
+the network runs channels-last, one window per forward as nnU-Net (on CUDA ``infer.batch_size``
+windows per forward), the logits accumulate in float32 in one buffer for all folds (nnU-Net: float16 per
 fold, then summed), no export worker processes are spawned, and the way back resamples one
 class at a time into a running argmax. On CUDA the windows run under autocast, as nnU-Net's.
 """
@@ -105,8 +105,20 @@ class NnUNetPredictor:
                 raise ConfigError(f"{model.folder}/fold_{fold}: the checkpoint does not match plans.json's {arch['network_class_name'].split('.')[-1]} "
                                   f"({str(exc).splitlines()[0][:160]}); was it trained with a custom network (trainer {model.trainer})?") from None
             self.models.append(net.to(self.device).eval())
+        # channels-last on a CPU: oneDNN's convolutions run ~25% faster on it (a 64x192x160
+        # 3d_fullres window: 1.00 s vs 1.32 s on 2 cores; outputs within 4e-6)
+        self.memory_format = None
+        if self.device.type == "cpu":
+            import torch
+
+            self.memory_format = torch.channels_last_3d if len(model.config["patch_size"]) == 3 else torch.channels_last
+            self.models = [net.to(memory_format=self.memory_format) for net in self.models]
         self.model = self.models[0]
         self.mirror_axes = model.mirror_axes if self.infer.tta else None
+        # windows per forward: infer.batch_size on CUDA; one on a CPU unless asked for, as
+        # nnU-Net: there batching buys no speed and multiplies the activations' memory
+        # (256x256x100, 3d_fullres patch 64x192x160: 30 s / 1.5 GiB at 1 vs 34 s / 3.1 GiB at 4)
+        self.batch_size = int(overrides.get("batch_size", self.infer.batch_size if self.device.type == "cuda" else 1))
         self.run_info: dict = {"nnunet": str(model.folder.resolve()), "configuration": model.configuration_name, "folds": list(model.folds),
                                "trainer": model.trainer, "tta_axes": list(self.mirror_axes or []),
                                "postprocessing": [{"fn": f, "labels_or_regions": lr} for f, lr in model.postprocessing]}
@@ -173,7 +185,7 @@ class NnUNetPredictor:
         g = torch.from_numpy(steps.gaussian(patch))
         flips = [()] + [c for i in range(len(self.mirror_axes or ())) for c in itertools.combinations([a + 2 for a in self.mirror_axes], i + 1)]
         per_window = len(flips) * len(self.models)
-        batch = max(1, self.infer.batch_size // len(flips))
+        batch = self.batch_size
         cuda = self.device.type == "cuda"
         bar = _bar(len(slicers), self.progress)
         with torch.inference_mode(), torch.autocast("cuda", enabled=cuda and self.infer.amp) if cuda else contextlib.nullcontext():
@@ -181,6 +193,8 @@ class NnUNetPredictor:
                 chunk = slicers[i : i + batch]
                 region = [self._region(d, s, patch) for d, s in chunk]
                 windows = torch.stack([x[(slice(None), *r)] for r in region]).to(self.device)
+                if self.memory_format is not None:
+                    windows = windows.contiguous(memory_format=self.memory_format)
                 out = None
                 for net in self.models:
                     for axes in flips:

@@ -71,7 +71,7 @@ def make_model(root: Path, python: str, shape, spacing, n_labels: int, width: fl
     (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": labels, "numTraining": n_train, "file_ending": ".nii.gz"}))
     did = DATASET[7:10]
     for cmd in ([ref.tool(python, "nnUNetv2_extract_fingerprint"), "-d", did, "-np", "1"], [ref.tool(python, "nnUNetv2_plan_experiment"), "-d", did]):
-        subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+        subprocess.run(cmd, env=env, check=True, capture_output=True, encoding="utf-8", errors="replace")
     plans = json.loads((Path(env["nnUNet_preprocessed"]) / DATASET / "nnUNetPlans.json").read_text())
     arch = plans["configurations"]["3d_fullres"]["architecture"]
     arch["arch_kwargs"]["features_per_stage"] = [max(4, int(round(f * width))) for f in arch["arch_kwargs"]["features_per_stage"]]
@@ -112,7 +112,7 @@ def measure(cmd: List[str], env: Dict[str, str]) -> dict:
     """Wall time and the peaks of the summed RSS and PSS of ``cmd`` and its children."""
     peak = [0, 0]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
 
     def sample():
         n = 0

@@ -56,13 +56,13 @@ def nnunet_python() -> Tuple[Optional[str], str]:
     if not (venv / MARKER).is_file():
         try:
             if not python.is_file():
-                subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, text=True, timeout=300)
-            subprocess.run([str(python), "-m", "pip", "install", "-q", *REQUIREMENTS], check=True, capture_output=True, text=True, timeout=1800)
+                subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+            subprocess.run([str(python), "-m", "pip", "install", "-q", *REQUIREMENTS], check=True, capture_output=True, encoding="utf-8", errors="replace", timeout=1800)
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
             tail = (getattr(exc, "stderr", "") or getattr(exc, "stdout", "") or str(exc))[-400:]
             return None, f"could not install {' '.join(REQUIREMENTS)} into {venv}: {tail}"
         (venv / MARKER).write_text(" ".join(REQUIREMENTS) + "\n")
-    found = subprocess.run([str(python), "-c", "import nnunetv2, os; print(os.path.dirname(nnunetv2.__file__))"], capture_output=True, text=True)
+    found = subprocess.run([str(python), "-c", "import nnunetv2, os; print(os.path.dirname(nnunetv2.__file__))"], capture_output=True, encoding="utf-8", errors="replace")
     if found.returncode != 0:
         return None, f"{venv} has no importable nnunetv2 ({found.stderr.strip()[-300:]}); delete it to rebuild"
     trainer = Path(found.stdout.strip()) / "training" / "nnUNetTrainer" / "nnUNetTrainer_volsegTiny.py"
@@ -173,7 +173,7 @@ def predict(python: str, root: Path, model: Path, inputs: Path, output: Path, fo
 
 
 def run(python: str, cmd: Sequence[str], e: Dict[str, str]) -> None:
-    done = subprocess.run([tool(python, cmd[0]), *cmd[1:]], env=e, capture_output=True, text=True)
+    done = subprocess.run([tool(python, cmd[0]), *cmd[1:]], env=e, capture_output=True, encoding="utf-8", errors="replace")
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
 
@@ -201,7 +201,7 @@ def reference_logits(python: str, folder: Path, config: str, fold: int, x: np.nd
     ``get_network_from_plans`` (dynamic-network-architectures)."""
     np.save(work / "x.npy", x)
     done = subprocess.run([python, "-c", NETWORK_SCRIPT, str(folder), config, str(fold), str(work / "x.npy"), str(work / "y.npy")],
-                          capture_output=True, text=True)
+                          capture_output=True, encoding="utf-8", errors="replace")
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     return np.load(work / "y.npy")
@@ -222,7 +222,7 @@ def reference_resample(python: str, data: np.ndarray, shape, current, new, order
     """nnU-Net's own ``resample_data_or_seg_to_shape`` of ``(C, *spatial)`` data."""
     np.save(work / "r_in.npy", data)
     args = json.dumps({"shape": list(shape), "current": list(current), "new": list(new), "order": order, "force": force})
-    done = subprocess.run([python, "-c", RESAMPLE_SCRIPT, str(work / "r_in.npy"), str(work / "r_out.npy"), args], capture_output=True, text=True)
+    done = subprocess.run([python, "-c", RESAMPLE_SCRIPT, str(work / "r_in.npy"), str(work / "r_out.npy"), args], capture_output=True, encoding="utf-8", errors="replace")
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     return np.load(work / "r_out.npy")
